@@ -1,0 +1,5 @@
+"""``python -m chaoqing``: the same as the ``chaoqing`` command."""
+
+from chaoqing.cli import main
+
+main()

@@ -1,0 +1,340 @@
+"""One immutable :class:`Config`, built once at start-up and passed down.
+
+Sources, later ones winning: the defaults below, a TOML file (``--config chaoqing.toml``),
+``CHAOQING_*`` environment variables, then command-line flags. Nested keys use ``__`` in
+variable names: ``CHAOQING_LIMITS__MAX_INPUT_PIXELS=8000000``; model endpoints are lists
+of URLs: ``CHAOQING_ENDPOINTS__REALESRGAN_X4PLUS=http://10.0.0.5:9000,http://10.0.0.6:9000``.
+
+A TOML file looks like::
+
+    preset = "balanced"
+    request_deadline_s = 300
+
+    [limits]
+    max_body_bytes = 41943040
+
+    [endpoints]                      # absent: `chaoqing serve` starts model servers itself
+    "realesr-animevideov3-x4" = ["http://127.0.0.1:9000"]
+    "realesrgan-x4plus" = ["http://127.0.0.1:9001", "http://10.0.0.7:8000"]
+    "face-detector" = ["http://127.0.0.1:9000"]
+
+Invalid values raise :class:`ConfigError` with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ChaoqingError
+
+__all__ = [
+    "ConfigError",
+    "Limits",
+    "Preset",
+    "PRESETS",
+    "TileSettings",
+    "RemoteSettings",
+    "ModelServerSettings",
+    "Config",
+    "load_config",
+]
+
+ENV_PREFIX = "CHAOQING_"
+
+
+class ConfigError(ChaoqingError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may cost; checked before pixels are decoded."""
+
+    max_body_bytes: int = 40 * 1024 * 1024
+    max_input_pixels: int = 16_000_000
+    max_output_pixels: int = 64_000_000
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Which model does what. ``face_model`` None means faces are not enhanced."""
+
+    name: str
+    upscaler: str
+    face_model: str | None
+    description: str = ""
+
+
+COMPACT_X4 = "realesr-animevideov3-x4"
+PLUS_X4 = "realesrgan-x4plus"
+FACE_DETECTOR = "face-detector"
+
+PRESETS: Mapping[str, Preset] = types.MappingProxyType(
+    {
+        "fast": Preset("fast", COMPACT_X4, None, "compact Real-ESRGAN everywhere, faces not enhanced"),
+        "balanced": Preset(
+            "balanced", COMPACT_X4, PLUS_X4, "compact Real-ESRGAN background, Real-ESRGAN x4plus on aligned faces"
+        ),
+        "quality": Preset("quality", PLUS_X4, PLUS_X4, "Real-ESRGAN x4plus everywhere"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How the gateway splits a background into tiles (input pixels)."""
+
+    tile_size: int = 256  # 0 = never tile
+    overlap: int = 16  # input pixels cross-faded at each seam
+    margin: int = 8  # input pixels of context on each side of a seam that are never shown
+    max_concurrent_tiles: int = 8
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How the gateway talks to model servers."""
+
+    connections_per_endpoint: int = 32
+    connect_timeout_s: float = 2.0
+    health_interval_s: float = 1.0
+    eject_after_failures: int = 3
+    eject_for_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ModelServerSettings:
+    """Settings of model servers, embedded or standalone."""
+
+    threads: int = 0  # ncnn threads per model instance; 0 = number of CPUs
+    device: str = "cpu"
+    instances: int = 1
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+    max_request_bytes: int = 1024 * 1024 * 1024
+    sim_latency_ms: float = 100.0
+    sim_faces: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the gateway, the CLI and the embedded model servers need to know."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    preset: str = "balanced"
+    scale: float = 2.0
+    request_deadline_s: float = 300.0
+    max_in_flight: int = 16
+    detector: str = FACE_DETECTOR
+    face_input_size: int = 128
+    min_eye_distance_px: float = 5.0
+    detection_max_side: int = 2048
+    api_keys: tuple[str, ...] = ()
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | text
+    limits: Limits = field(default_factory=Limits)
+    tiles: TileSettings = field(default_factory=TileSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
+    model_server: ModelServerSettings = field(default_factory=ModelServerSettings)
+    endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: types.MappingProxyType({}))
+    presets: Mapping[str, Preset] = field(default_factory=lambda: PRESETS)
+
+    def __post_init__(self) -> None:
+        if self.preset not in self.presets:
+            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(self.presets)}")
+        if not 1.0 <= self.scale <= 4.0:
+            raise ConfigError(f"scale: {self.scale} is outside [1, 4]")
+        for name in ("request_deadline_s", "max_in_flight", "face_input_size", "detection_max_side"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        minimum_tile = 2 * (self.tiles.overlap + 2 * self.tiles.margin)
+        if self.tiles.tile_size and self.tiles.tile_size <= minimum_tile:
+            raise ConfigError(
+                f"tiles.tile_size: {self.tiles.tile_size} must be 0 (no tiling) or more than {minimum_tile} "
+                "(twice overlap + 4·margin)"
+            )
+        if self.tiles.overlap < 0 or self.tiles.margin < 0 or self.tiles.max_concurrent_tiles < 1:
+            raise ConfigError("tiles: overlap and margin must be >= 0, max_concurrent_tiles >= 1")
+        if self.log_format not in ("auto", "json", "text"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not auto, json or text")
+        if not isinstance(self.endpoints, types.MappingProxyType):
+            object.__setattr__(self, "endpoints", types.MappingProxyType(dict(self.endpoints)))
+        if not isinstance(self.presets, types.MappingProxyType):
+            object.__setattr__(self, "presets", types.MappingProxyType(dict(self.presets)))
+
+    def models_needed(self, preset_name: str | None = None) -> tuple[str, ...]:
+        """Model names the given preset (all presets when None) calls, detector included."""
+        presets = [self.presets[preset_name]] if preset_name else list(self.presets.values())
+        names: list[str] = []
+        for preset in presets:
+            for name in (preset.upscaler, preset.face_model):
+                if name and name not in names:
+                    names.append(name)
+        if self.detector not in names:
+            names.append(self.detector)
+        return tuple(names)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "limits": Limits,
+    "tiles": TileSettings,
+    "remote": RemoteSettings,
+    "model_server": ModelServerSettings,
+}
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """Turn a TOML or environment value into the type of ``default``."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(item.strip() for item in value.split(",") if item.strip())
+            return tuple(str(item) for item in value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {value!r} is not a valid {type(default).__name__}") from exc
+
+
+def _build_section(klass: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+    defaults = klass()
+    known = {item.name for item in dataclasses.fields(klass)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown key(s) {', '.join(sorted(unknown))}")
+    return klass(**{name: _coerce(value, getattr(defaults, name), f"{prefix}{name}") for name, value in values.items()})
+
+
+def _normalise_model_key(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """CHAOQING_* variables as a nested dict shaped like the TOML file."""
+    tree: dict[str, Any] = {}
+    for raw_key, value in environ.items():
+        if not raw_key.startswith(ENV_PREFIX):
+            continue
+        parts = raw_key[len(ENV_PREFIX) :].split("__")
+        if len(parts) == 1:
+            tree[parts[0].lower()] = value
+        elif len(parts) == 2 and parts[0].lower() == "endpoints":
+            tree.setdefault("endpoints", {})[_normalise_model_key(parts[1])] = value
+        elif len(parts) == 2:
+            tree.setdefault(parts[0].lower(), {})[parts[1].lower()] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_endpoints(raw: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("endpoints: must be a table of model name = [URL, ...]")
+    endpoints: dict[str, tuple[str, ...]] = {}
+    for model, urls in raw.items():
+        if isinstance(urls, str):
+            urls = [item.strip() for item in urls.split(",") if item.strip()]
+        if not isinstance(urls, list | tuple) or not urls:
+            raise ConfigError(f"endpoints.{model}: must be a non-empty list of URLs")
+        for url in urls:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"endpoints.{model}: {url!r} is not an http(s) URL")
+        endpoints[_normalise_model_key(str(model))] = tuple(url.rstrip("/") for url in urls)
+    return endpoints
+
+
+def _parse_presets(raw: Any) -> dict[str, Preset]:
+    """``[presets.NAME]`` tables with ``upscaler`` and ``face_model`` (empty: no face model);
+    they change or add to the built-in presets."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("presets: must be a table of preset tables")
+    presets = dict(PRESETS)
+    for name, table in raw.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"presets.{name}: must be a table")
+        unknown = set(table) - {"upscaler", "face_model", "description"}
+        if unknown:
+            raise ConfigError(f"presets.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+        base = presets.get(name)
+        upscaler = table.get("upscaler", base.upscaler if base else None)
+        if not isinstance(upscaler, str) or not upscaler:
+            raise ConfigError(f"presets.{name}.upscaler: a model name is required")
+        face_model = table.get("face_model", base.face_model if base else None) or None
+        presets[str(name)] = Preset(str(name), upscaler, None if face_model is None else str(face_model),
+                                    str(table.get("description", base.description if base else "")))
+    return presets
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> Config:
+    """Build a Config from a TOML-shaped mapping (strings are coerced, unknown keys refused)."""
+    defaults = Config()
+    top_fields = {item.name for item in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: must be a table")
+            kwargs[key] = _build_section(_SECTIONS[key], value, f"{key}.")
+        elif key == "endpoints":
+            kwargs[key] = _parse_endpoints(value)
+        elif key == "presets":
+            kwargs[key] = _parse_presets(value)
+        elif key in top_fields:
+            kwargs[key] = _coerce(value, getattr(defaults, key), key)
+        else:
+            raise ConfigError(f"unknown configuration key {key!r}")
+    return Config(**kwargs)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults ← TOML file ← CHAOQING_* environment ← ``overrides`` (flags; None values ignored)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                values = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    values = _merge(values, _from_environment(os.environ if environ is None else environ))
+    if overrides:
+        values = _merge(values, {key: value for key, value in overrides.items() if value is not None})
+    return config_from_mapping(values)

@@ -1,0 +1,190 @@
+"""chaoqing's one exception hierarchy, and the one table that maps it to HTTP.
+
+::
+
+    ChaoqingError
+     ├── InvalidRequest                 400 invalid_parameter
+     │    ├── InvalidParameter          400 invalid_parameter
+     │    ├── InvalidImage              400 invalid_image
+     │    ├── UnsupportedMediaType      415 unsupported_media_type
+     │    ├── ImageTooLarge             413 image_too_large
+     │    ├── InvalidTensorRequest      400 invalid_tensor        (model server: bad v2 request)
+     │    ├── BodyTooLarge              413 body_too_large        (model server)
+     │    ├── SlowRequestBody           408 request_timeout       (the body did not arrive in time)
+     │    └── UnknownModel              404 unknown_model         (model server)
+     ├── Unauthorized                   401 unauthorized
+     ├── Overloaded                     503 overloaded            (Retry-After)
+     ├── DeadlineExceeded               504 deadline_exceeded
+     ├── InferenceFailed                500 inference_failed      (model server: the runner raised)
+     └── ModelServerError               502 model_error           (gateway: a remote call failed)
+          ├── ModelUnavailable          503 model_unavailable     (Retry-After; refused, unreachable, circuit open)
+          ├── ModelTimeout              504 deadline_exceeded
+          └── BadModelResponse          502 model_error           (malformed or wrong-shaped tensors)
+
+Library code raises these; foreign exceptions are translated at the boundary with
+``raise ... from exc``. Only the CLI exits; only the HTTP layers turn errors into responses,
+through :func:`http_error_for`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ChaoqingError",
+    "InvalidRequest",
+    "InvalidParameter",
+    "InvalidImage",
+    "UnsupportedMediaType",
+    "ImageTooLarge",
+    "InvalidTensorRequest",
+    "BodyTooLarge",
+    "SlowRequestBody",
+    "UnknownModel",
+    "Unauthorized",
+    "Overloaded",
+    "DeadlineExceeded",
+    "InferenceFailed",
+    "ModelServerError",
+    "ModelUnavailable",
+    "ModelTimeout",
+    "BadModelResponse",
+    "HttpError",
+    "HTTP_ERRORS",
+    "http_error_for",
+    "retry_after_for",
+]
+
+
+class ChaoqingError(Exception):
+    """Base of every error chaoqing raises on purpose."""
+
+
+class InvalidRequest(ChaoqingError):
+    """The client sent something we will not process (a 4xx)."""
+
+
+class InvalidParameter(InvalidRequest):
+    """A query or form parameter is missing, malformed or out of range."""
+
+
+class InvalidImage(InvalidRequest):
+    """The body is not a decodable image."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The Content-Type is not one we accept."""
+
+
+class ImageTooLarge(InvalidRequest):
+    """Bytes, input pixels or output pixels exceed the configured limits."""
+
+
+class InvalidTensorRequest(InvalidRequest):
+    """A KServe v2 inference request is malformed (model server side)."""
+
+
+class BodyTooLarge(InvalidRequest):
+    """A request body exceeds the server's byte limit (model server; the gateway says ImageTooLarge)."""
+
+
+class SlowRequestBody(InvalidRequest):
+    """The request body did not arrive within the read timeout."""
+
+
+class UnknownModel(InvalidRequest):
+    """The model server does not serve the named model."""
+
+
+class Unauthorized(ChaoqingError):
+    """A missing or wrong API key."""
+
+
+class Overloaded(ChaoqingError):
+    """Too much work in flight; the caller should retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ChaoqingError):
+    """The request's deadline passed before its work finished."""
+
+
+class InferenceFailed(ChaoqingError):
+    """A runner raised while computing (model server side)."""
+
+
+class ModelServerError(ChaoqingError):
+    """A remote model call failed; ``status`` is the server's HTTP status when it answered."""
+
+    def __init__(self, message: str, *, model: str = "", endpoint: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.model = model
+        self.endpoint = endpoint
+        self.status = status
+
+
+class ModelUnavailable(ModelServerError):
+    """The model server refused, is unreachable, is not ready, or its circuit is open."""
+
+    retry_after_s = 1.0
+
+
+class ModelTimeout(ModelServerError):
+    """A remote call did not finish within its deadline."""
+
+
+class BadModelResponse(ModelServerError):
+    """The model server answered with something that is not the tensors we asked for."""
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """How one kind of error looks on the wire."""
+
+    status: int
+    code: str
+
+
+# The one table. Lookup walks the exception's MRO, so the most specific entry wins.
+HTTP_ERRORS: dict[type[BaseException], HttpError] = {
+    InvalidParameter: HttpError(400, "invalid_parameter"),
+    InvalidImage: HttpError(400, "invalid_image"),
+    UnsupportedMediaType: HttpError(415, "unsupported_media_type"),
+    ImageTooLarge: HttpError(413, "image_too_large"),
+    InvalidTensorRequest: HttpError(400, "invalid_tensor"),
+    BodyTooLarge: HttpError(413, "body_too_large"),
+    SlowRequestBody: HttpError(408, "request_timeout"),
+    UnknownModel: HttpError(404, "unknown_model"),
+    InvalidRequest: HttpError(400, "invalid_parameter"),
+    Unauthorized: HttpError(401, "unauthorized"),
+    Overloaded: HttpError(503, "overloaded"),
+    DeadlineExceeded: HttpError(504, "deadline_exceeded"),
+    InferenceFailed: HttpError(500, "inference_failed"),
+    ModelUnavailable: HttpError(503, "model_unavailable"),
+    ModelTimeout: HttpError(504, "deadline_exceeded"),
+    BadModelResponse: HttpError(502, "model_error"),
+    ModelServerError: HttpError(502, "model_error"),
+}
+
+INTERNAL_ERROR = HttpError(500, "internal_error")
+
+
+def http_error_for(error: BaseException) -> HttpError:
+    """Return the status and code for ``error``; 500 internal_error for anything unplanned."""
+    for klass in type(error).__mro__:
+        found = HTTP_ERRORS.get(klass)
+        if found is not None:
+            return found
+    return INTERNAL_ERROR
+
+
+def retry_after_for(error: BaseException) -> float | None:
+    """Seconds for a Retry-After header, or None when the error does not invite a retry."""
+    if isinstance(error, Overloaded):
+        return error.retry_after_s
+    if isinstance(error, ModelUnavailable):
+        return error.retry_after_s
+    return None
