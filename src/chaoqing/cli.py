@@ -1,0 +1,242 @@
+"""The ``chaoqing`` command: a thin click layer over Config and the servers.
+
+Library code raises; only this module exits. gevent's monkey-patching happens first thing
+in :func:`main`, before anything else imports sockets or threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["main", "cli"]
+
+_log = logging.getLogger("chaoqing")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    cli(prog_name="chaoqing")
+
+
+def _setup_logging(level: str, log_format: str = "auto") -> None:
+    from .logs import configure_logging
+
+    configure_logging(level, log_format)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="chaoqing")
+def cli() -> None:
+    """超清 chaoqing — make photos bigger and sharper, with faces enhanced.
+
+    \b
+    Quick use:
+      chaoqing enhance photo.jpg            enhance a file (starts local model servers)
+      chaoqing serve                        HTTP API and web page on http://127.0.0.1:8080
+      chaoqing model-server --model NAME    one KServe v2 model server
+    """
+
+
+@cli.command("model-server")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME",
+              help="Model to serve; repeat for several. See `chaoqing doctor` for names.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on; 0 picks a free one (printed on start).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="Compute threads per model instance; 0 = number of CPUs.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or vulkan:N for GPU N through ncnn's Vulkan path.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Model instances (one native thread each) per model.")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Largest dynamic batch (requests of equal input shape).")
+@click.option("--max-queue-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0, 10_000),
+              help="How long a batch waits for more requests.")
+@click.option("--max-queue-size", default=256, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Queued requests per model before answering 503.")
+@click.option("--sim-latency-ms", default=100.0, show_default=True, type=click.FloatRange(0, 600_000),
+              help="Latency of sim-* models (tests and benchmarks only).")
+@click.option("--sim-faces", default=2, show_default=True, type=click.IntRange(0, 1024),
+              help="Faces sim-detector reports per image.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def model_server(models: tuple[str, ...], host: str, port: int, threads: int, device: str, instances: int,
+                 max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, sim_latency_ms: float,
+                 sim_faces: int, log_level: str) -> None:
+    """Serve models over the KServe v2 protocol (REST, binary tensors).
+
+    Any v2 client works: the gateway, tritonclient, KServe, curl.
+    """
+    _setup_logging(log_level)
+    from .batcher import BatchSettings
+    from .modelserver import ModelServer, ModelServerOptions
+    from .runners import RunnerSettings, available_models
+
+    unknown = [name for name in models if name not in available_models()]
+    if unknown:
+        _fail(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(available_models())}")
+    options = ModelServerOptions(
+        models=tuple(dict.fromkeys(models)),
+        host=host,
+        port=port,
+        runner=RunnerSettings(threads=threads, device=device, sim_latency_ms=sim_latency_ms, sim_faces=sim_faces),
+        batching=BatchSettings(
+            instances=instances,
+            max_batch_size=max_batch_size,
+            max_queue_delay_s=max_queue_delay_ms / 1000.0,
+            max_queue_size=max_queue_size,
+        ),
+    )
+    try:
+        server = ModelServer(options)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    server.start()
+    # machine-readable first line: supervisors and tests read the port from it
+    click.echo(f"chaoqing model server listening on {server.url} models={','.join(options.models)}", err=False)
+    sys.stdout.flush()
+    _run_until_signalled(server.serve_forever, server.stop)
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), help="Port to listen on.  [default: 8080]")
+@click.option("--preset", default=None, type=click.Choice(["fast", "balanced", "quality"]),
+              help="Default preset for requests that name none.  [default: balanced]")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TOML file; CHAOQING_* environment variables override it.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="auto", show_default=True, type=click.Choice(["auto", "json", "text"]),
+              help="auto: text on a terminal, JSON lines otherwise.")
+def serve(host: str | None, port: int | None, preset: str | None, config_path: str | None, log_level: str,
+          log_format: str) -> None:
+    """Run the HTTP API and web page.
+
+    Without model endpoints in the config, starts a model-server child process per model
+    (restarted if it crashes). Ctrl-C drains in-flight requests; a second Ctrl-C exits at once.
+    """
+    _setup_logging(log_level, log_format)
+    from .config import ConfigError, load_config
+    from .metrics import GatewayMetrics
+    from .server import GatewayServer, ModelsNotReady, open_models, wait_until_ready
+    from .supervisor import SupervisorError
+
+    try:
+        config = load_config(config_path, overrides={"host": host, "port": port, "preset": preset})
+    except ConfigError as exc:
+        _fail(str(exc))
+    needed = config.models_needed()
+    metrics = GatewayMetrics()
+    started = time.monotonic()
+    try:
+        remotes, supervisor = open_models(config, needed, metrics, log_level="warning" if log_level == "info" else log_level)
+    except SupervisorError as exc:
+        _fail(str(exc), 1)
+    try:
+        server = GatewayServer(config, remotes, supervisor, metrics)
+    except OSError as exc:
+        if supervisor is not None:
+            supervisor.stop(2.0)
+        _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1)
+    server.start()
+    try:
+        wait_until_ready(remotes, needed, timeout_s=120)
+    except ModelsNotReady as exc:
+        server.stop(1.0)
+        _fail(str(exc), 1)
+    _log.info("ready in %.1f s", time.monotonic() - started)
+    click.echo(f"chaoqing serving on {server.url}  (web page: {server.url}/  API: {server.url}/openapi.json)")
+    sys.stdout.flush()
+    _run_until_signalled(server.serve_forever, server.stop)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "output", default=None, type=click.Path(path_type=Path),
+              help="Output folder (default ./enhanced), or a file name for a single input.")
+@click.option("--scale", default=None, type=click.FloatRange(1.0, 4.0), help="Output size over input size.  [default: 2]")
+@click.option("--preset", default=None, type=click.Choice(["fast", "balanced", "quality"]), help="[default: balanced]")
+@click.option("--no-faces", is_flag=True, help="Do not enhance faces.")
+@click.option("--format", "output_format", default=None, type=click.Choice(["png", "jpeg", "webp"]),
+              help="Output format (default: jpeg for JPEG input, else png).")
+@click.option("--quality", default=None, type=click.IntRange(1, 100), help="JPEG/WebP quality.")
+@click.option("--server", default=None, metavar="URL", help="Use a running gateway instead of local model servers.")
+@click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server.")
+@click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Photos processed at once.")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of input folders.")
+@click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False), help="TOML file.")
+@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
+            output_format: str | None, quality: int | None, server: str | None, api_key: str | None, jobs: int,
+            recursive: bool, overwrite: bool, config_path: str | None, log_level: str) -> None:
+    """Enhance photos: files or folders of them.
+
+    \b
+    chaoqing enhance photo.jpg                  → enhanced/photo.jpg
+    chaoqing enhance holiday/ -o big/ --scale 4 → big/…
+    chaoqing enhance a.png --server http://gpu-box:8080
+
+    Exits with status 1 if any photo failed; each failure is named.
+    """
+    _setup_logging(log_level, "text")
+    from .batch import BatchJob, plan_outputs, run_batch
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path, overrides={"preset": preset, "scale": scale})
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        planned = plan_outputs(list(inputs), output, output_format, recursive=recursive)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not planned:
+        _fail("no images found in the given inputs (jpg, jpeg, png, webp, gif, bmp, tif, tiff)")
+    job = BatchJob(
+        config=config, preset=config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
+        quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
+    )
+    summary = run_batch(planned, job)
+    sys.exit(0 if summary.failed == 0 else 1)
+
+
+def _run_until_signalled(serve: Any, stop: Any, grace_s: float = 10.0) -> None:
+    """Serve until SIGINT/SIGTERM; the first signal drains (``stop(grace_s)``), a second forces exit."""
+    import gevent
+
+    stopping: list[bool] = []
+
+    def on_signal() -> None:
+        if stopping:
+            _log.warning("second signal: exiting now")
+            sys.exit(1)
+        stopping.append(True)
+        _log.info("stopping (draining up to %.0f s; signal again to force)", grace_s)
+        gevent.spawn(stop, grace_s)
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
+    try:
+        serve()
+    except KeyboardInterrupt:
+        stop(1.0)
+
+
+if __name__ == "__main__":  # python -m chaoqing.cli
+    main()

@@ -1,0 +1,83 @@
+"""What a runner is: a model behind a plain function, numpy in, numpy out, no HTTP inside.
+
+The model server (:mod:`chaoqing.modelserver`) owns threads, queues and the wire; a runner
+only computes. :meth:`Runner.run` is called from one native thread per model instance, one
+batch at a time per instance, so a runner needs no locks of its own.
+
+Simulators (``simulated_latency_s`` > 0) are the exception, for tests and benchmarks only:
+the server waits that long per batch without holding a thread (as if every call had
+hardware of its own), then calls :meth:`Runner.run` on a worker thread for the cheap outputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TensorSpec", "ModelSpec", "Runner", "RunnerError"]
+
+
+class RunnerError(Exception):
+    """A runner cannot be built (missing weights, unusable device) or cannot compute."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model, as v2 metadata shows it (-1 for a variable dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's v2 metadata.
+
+    ``max_batch_size`` > 0 means the first dimension of every input and output is the batch
+    dimension and the server may stack requests of equal shape along it; 0 means no batch
+    dimension (the detector). ``parameters`` is published in the model metadata; it always
+    holds ``scale`` for image models.
+    """
+
+    name: str
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": self.platform,
+            "inputs": [spec.as_metadata() for spec in self.inputs],
+            "outputs": [spec.as_metadata() for spec in self.outputs],
+            "parameters": {"max_batch_size": self.max_batch_size, **dict(self.parameters)},
+        }
+
+
+class Runner(ABC):
+    """A loaded model. Subclasses set ``spec`` and implement :meth:`run`."""
+
+    spec: ModelSpec
+    #: Simulators only: seconds the server waits per batch, cooperatively, before run().
+    simulated_latency_s: float = 0.0
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compute outputs for already-validated inputs (a whole batch when batched).
+
+        Raises RunnerError when the computation fails.
+        """
+
+    def close(self) -> None:
+        """Release native resources. Default: nothing to release."""

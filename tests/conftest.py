@@ -1,0 +1,217 @@
+"""Shared fixtures. The test process is monkey-patched like the gateway, so blocking clients
+(requests, tritonclient) and in-process gevent servers share one hub."""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from chaoqing.batcher import BatchSettings  # noqa: E402
+from chaoqing.config import Config, Preset  # noqa: E402
+from chaoqing.metrics import GatewayMetrics  # noqa: E402
+from chaoqing.remote import RemoteModels  # noqa: E402
+from chaoqing.server import GatewayServer  # noqa: E402
+from chaoqing.modelserver import ModelServer, ModelServerOptions  # noqa: E402
+from chaoqing.runners import RunnerSettings  # noqa: E402
+
+
+@pytest.fixture
+def start_model_server() -> Iterator[Callable[..., ModelServer]]:
+    """Start in-process model servers on 127.0.0.1, port 0; all are stopped after the test.
+
+    ``start_model_server(["sim-upscale-x2"], sim_latency_ms=10, max_batch_size=8, ...)``;
+    ``runner_factory=`` substitutes runners (orchestration tests only).
+    """
+    servers: list[ModelServer] = []
+
+    def start(models: list[str], *, runner_factory: Any = None, ready_timeout_s: float = 60.0, **settings: Any) -> ModelServer:
+        runner_fields = {key: settings.pop(key) for key in list(settings) if key in RunnerSettings.__dataclass_fields__}
+        batch_fields = {key: settings.pop(key) for key in list(settings) if key in BatchSettings.__dataclass_fields__}
+        runner_fields.setdefault("threads", 2)
+        options = ModelServerOptions(
+            models=tuple(models),
+            host="127.0.0.1",
+            port=0,
+            runner=RunnerSettings(**runner_fields),
+            batching=BatchSettings(**batch_fields),
+            **settings,
+        )
+        server = ModelServer(options, runner_factory) if runner_factory else ModelServer(options)
+        server.start()
+        servers.append(server)
+        assert server.wait_ready(ready_timeout_s), {name: model.state for name, model in server.models.items()}
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(timeout_s=1.0)
+
+
+@pytest.fixture
+def greenlet_census() -> Iterator[Callable[[], list[gevent.Greenlet]]]:
+    """Returns a function listing greenlets started during the test that are still alive."""
+    import gc
+
+    before = {id(item) for item in gc.get_objects() if isinstance(item, gevent.Greenlet)}
+
+    def alive() -> list[gevent.Greenlet]:
+        gevent.sleep(0.05)
+        return [
+            item
+            for item in gc.get_objects()
+            if isinstance(item, gevent.Greenlet) and id(item) not in before and not item.dead
+        ]
+
+    yield alive
+
+
+def run_cli(*arguments: str, timeout: float = 120, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``chaoqing ARGS`` in a subprocess with this interpreter."""
+    command = [sys.executable, "-c", "from chaoqing.cli import main; main()", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
+
+
+SIM_PRESETS = {
+    "fast": Preset("fast", "sim-upscale-x4", None, "sim upscaler, no faces"),
+    "balanced": Preset("balanced", "sim-upscale-x4", "sim-face", "sim upscaler and sim faces"),
+    "quality": Preset("quality", "sim-upscale-x4", "sim-face", "sim upscaler and sim faces"),
+}
+
+
+@dataclass
+class SimGateway:
+    """A gateway in this process in front of sim model servers (one server per model)."""
+
+    server: GatewayServer
+    config: Config
+    model_servers: dict[str, ModelServer] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def metrics(self) -> GatewayMetrics:
+        return self.server.metrics
+
+
+@pytest.fixture
+def start_sim_gateway(start_model_server: Callable[..., ModelServer]) -> Iterator[Callable[..., SimGateway]]:
+    """``start_sim_gateway(upscale_ms=50, detect_ms=10, face_ms=20, faces=2, endpoints={...}, **config)``.
+
+    ``endpoints`` replaces the URL of a model (e.g. with a fake); other keyword arguments
+    change the Config.
+    """
+    gateways: list[GatewayServer] = []
+
+    def start(upscale_ms: float = 50, detect_ms: float = 10, face_ms: float = 20, faces: int = 2,
+              endpoints: dict[str, tuple[str, ...]] | None = None, **config_changes: Any) -> SimGateway:
+        servers = {
+            "sim-upscale-x4": start_model_server(["sim-upscale-x4"], sim_latency_ms=upscale_ms, max_batch_size=8),
+            "sim-detector": start_model_server(["sim-detector"], sim_latency_ms=detect_ms, sim_faces=faces),
+            "sim-face": start_model_server(["sim-face"], sim_latency_ms=face_ms, max_batch_size=8),
+        }
+        urls = {name: (server.url,) for name, server in servers.items()}
+        urls.update(endpoints or {})
+        config = Config(port=0, detector="sim-detector", presets=SIM_PRESETS, endpoints=urls, **config_changes)
+        metrics = GatewayMetrics()
+        server = GatewayServer(config, RemoteModels.from_config(config, metrics), metrics=metrics, watch_hub=False)
+        server.start()
+        gateways.append(server)
+        return SimGateway(server, config, servers)
+
+    yield start
+    for gateway in gateways:
+        gateway.stop(grace_s=1.0)
+
+
+@pytest.fixture
+def start_model_server_process() -> Iterator[Callable[..., str]]:
+    """``start_model_server_process("sim-upscale-x4", "--sim-latency-ms", "100")`` → URL of a
+    ``chaoqing model-server`` child process (ready); all are stopped after the test."""
+    import time
+
+    import requests
+
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*arguments: str, ready_timeout_s: float = 30.0) -> str:
+        models: list[str] = []
+        rest: list[str] = []
+        for argument in arguments:
+            if argument.startswith("-") or rest:
+                rest.append(argument)
+            else:
+                models += ["--model", argument]
+        command = [sys.executable, "-m", "chaoqing", "model-server", *models, "--port", "0", "--log-level", "error", *rest]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        url = line.split("listening on ")[1].split()[0]
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    return url
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"{arguments} not ready"
+            time.sleep(0.05)
+
+    yield start
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class SwitchWatch:
+    """Measures the longest time any one greenlet other than the hub ran without switching
+    (what gevent's monitor thread calls the hub being blocked; the hub itself waiting in its
+    event loop is idle, not blocked)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.longest = 0.0
+        self.longest_in = ""
+        self._last = self._clock()
+
+    def __enter__(self) -> "SwitchWatch":
+        import greenlet
+
+        self._previous = greenlet.settrace(self._trace)
+        self._last = self._clock()
+        return self
+
+    def _trace(self, event: str, arguments: Any) -> None:
+        now = self._clock()
+        if event in ("switch", "throw") and not isinstance(arguments[0], gevent.hub.Hub):
+            ran = now - self._last
+            if ran > self.longest:
+                self.longest = ran
+                self.longest_in = repr(arguments[0])[:200]
+        self._last = now
+
+    def __exit__(self, *exc_info: Any) -> None:
+        import greenlet
+
+        greenlet.settrace(self._previous)
