@@ -1,0 +1,382 @@
+"""The gateway's HTTP API: a Falcon WSGI app in front of :mod:`chaoqing.pipeline`.
+
+Routes::
+
+    POST /v1/enhance       image in (raw image/* body, or multipart field "image"), image out
+    GET  /healthz          the process serves
+    GET  /readyz           every model the presets need has a ready endpoint (else 503 + which)
+    GET  /openapi.json     OpenAPI 3.1 of this API
+    GET  /metrics          Prometheus metrics
+    GET  /                 a small web page to try it
+
+Errors are ``{"error": {"code": ..., "message": ...}}`` with the status from the one table in
+:mod:`chaoqing.errors`. Client faults are logged as one line; server faults as a traceback,
+through :meth:`Gateway.handle_unexpected`, and never shown to the client.
+
+Run it with :func:`chaoqing.server.serve_gateway` (gevent's WSGIServer) or under gunicorn
+(``gunicorn -k gevent 'chaoqing.wsgi:app'``); either way the process is monkey-patched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import falcon
+import gevent
+
+from .config import Config
+from .errors import (
+    ChaoqingError,
+    ImageTooLarge,
+    InvalidParameter,
+    Overloaded,
+    SlowRequestBody,
+    Unauthorized,
+    UnsupportedMediaType,
+    http_error_for,
+    retry_after_for,
+)
+from .metrics import GatewayMetrics
+from .openapi import openapi_document
+from .pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
+from .remote import RemoteModels
+
+__all__ = ["Gateway", "create_app"]
+
+_log = logging.getLogger("chaoqing.gateway")
+_access_log = logging.getLogger("chaoqing.access")
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+BODY_READ_TIMEOUT_S = 60.0
+READ_CHUNK_BYTES = 1024 * 1024
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _parse_scale(raw: str | None, default: float) -> float:
+    if raw is None or raw == "":
+        return default
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"scale must be a number between 1 and 4, not {raw!r}") from None
+    if not math.isfinite(scale) or not 1.0 <= scale <= 4.0:
+        raise InvalidParameter(f"scale must be between 1 and 4, not {raw!r}")
+    return scale
+
+
+def _parse_bool(raw: str | None, name: str, default: bool) -> bool:
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise InvalidParameter(f"{name} must be true or false, not {raw!r}")
+
+
+def _parse_quality(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.strip().lstrip("+").isdigit():
+        raise InvalidParameter(f"quality must be an integer between 1 and 100, not {raw!r}")
+    quality = int(raw)
+    if not 1 <= quality <= 100:
+        raise InvalidParameter(f"quality must be between 1 and 100, not {raw!r}")
+    return quality
+
+
+def _parse_choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str | None:
+    if raw is None or raw == "":
+        return None
+    lowered = raw.strip().lower()
+    if lowered == "jpg" and "jpeg" in choices:
+        lowered = "jpeg"
+    if lowered not in choices:
+        raise InvalidParameter(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return lowered
+
+
+class Gateway:
+    """The HTTP side of one gateway process: admission, parsing, errors, headers."""
+
+    def __init__(self, config: Config, remotes: RemoteModels, metrics: GatewayMetrics | None = None) -> None:
+        self.config = config
+        self.remotes = remotes
+        self.metrics = metrics or GatewayMetrics()
+        self.services = PipelineServices(config=config, remotes=remotes, observer=self.metrics)
+        self.in_flight = 0
+        self._api_keys = tuple(key.encode() for key in config.api_keys)
+        self.app = _build_app(self)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def check_api_key(self, request: falcon.Request) -> None:
+        if not self._api_keys:
+            return
+        header = request.get_header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        supplied = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # compare against every key so the time taken does not say which one nearly matched
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(supplied, key)
+        if not matched:
+            raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
+
+    def read_image_body(self, request: falcon.Request) -> tuple[bytes, str | None]:
+        """The uploaded image bytes and their declared media type, bounded while reading."""
+        limit = self.config.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ImageTooLarge(f"the upload is {request.content_length} bytes; the limit is {limit}")
+        content_type = (request.content_type or "").split(";")[0].strip().lower()
+        try:
+            with gevent.Timeout(BODY_READ_TIMEOUT_S, SlowRequestBody("the request body did not arrive in time")):
+                if content_type == "multipart/form-data":
+                    return self._read_multipart(request, limit)
+                if content_type.startswith("image/") or content_type == "application/octet-stream":
+                    return self._read_bounded(request.bounded_stream, limit), content_type
+        except (OSError, falcon.MediaMalformedError, falcon.HTTPError) as exc:
+            if isinstance(exc, falcon.HTTPError) and exc.status_code == 413:
+                raise ImageTooLarge(f"the upload exceeds the limit of {limit} bytes") from None
+            raise InvalidParameter(f"could not read the upload: {getattr(exc, 'description', None) or exc}") from None
+        raise UnsupportedMediaType(
+            f"send the image as the body with Content-Type image/* or as multipart/form-data field 'image', "
+            f"not {content_type or 'no Content-Type'}"
+        )
+
+    @staticmethod
+    def _read_bounded(stream: Any, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = stream.read(READ_CHUNK_BYTES)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ImageTooLarge(f"the upload exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _read_multipart(self, request: falcon.Request, limit: int) -> tuple[bytes, str | None]:
+        form = request.get_media()
+        found: tuple[bytes, str | None] | None = None
+        for part in form:
+            if part.name == "image" and found is None:
+                data = self._read_bounded(part.stream, limit)
+                found = (data, (part.content_type or "").split(";")[0].strip().lower() or None)
+            else:
+                part.stream.pipe()  # drain fields we do not use
+        if found is None:
+            raise InvalidParameter("the multipart form has no field named 'image'")
+        return found
+
+    def admit(self) -> None:
+        if self.in_flight >= self.config.max_in_flight:
+            raise Overloaded(
+                f"{self.in_flight} requests in flight, the limit of this gateway process; retry shortly",
+                retry_after_s=1.0,
+            )
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    # -- errors --------------------------------------------------------------------------
+
+    def handle_error(self, request: falcon.Request, response: falcon.Response, error: Exception, params: Any) -> None:
+        """Falcon error handler for everything: the table decides the status."""
+        if isinstance(error, falcon.HTTPError) and not isinstance(error, ChaoqingError):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
+            self._write_error(response, error.status_code, code, str(error.title or error.description))
+            return
+        if isinstance(error, ChaoqingError):
+            mapped = http_error_for(error)
+            _log.info("%s %s -> %d %s: %s", request.method, request.path, mapped.status, mapped.code, error)
+            self._write_error(response, mapped.status, mapped.code, str(error))
+            retry_after = retry_after_for(error)
+            if retry_after is not None:
+                response.set_header("Retry-After", str(max(1, math.ceil(retry_after))))
+            return
+        self.handle_unexpected(request, error)
+        self._write_error(response, 500, "internal_error", "internal server error")
+
+    def handle_unexpected(self, request: falcon.Request, error: BaseException) -> None:
+        """One overridable hook for server faults: a traceback in the log, never in the response."""
+        _log.error("unexpected error on %s %s", request.method, request.path, exc_info=error)
+
+    @staticmethod
+    def _write_error(response: falcon.Response, status: int, code: str, message: str) -> None:
+        response.status = status
+        response.content_type = falcon.MEDIA_JSON
+        response.text = json.dumps({"error": {"code": code, "message": message}})
+
+
+def _request_id(request: falcon.Request) -> str:
+    supplied = request.get_header("X-Request-Id")
+    if supplied and REQUEST_ID_PATTERN.match(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+def _server_timing(timings: Mapping[str, float]) -> str:
+    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())
+
+
+class EnhanceResource:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_post(self, request: falcon.Request, response: falcon.Response) -> None:
+        gateway = self.gateway
+        started = time.monotonic()
+        request_id = _request_id(request)
+        response.set_header("X-Request-Id", request_id)
+        preset = request.get_param("preset") or gateway.config.preset
+        status = 500
+        result: EnhanceResult | None = None
+        bytes_in = 0
+        error_code = ""
+        try:
+            gateway.check_api_key(request)
+            if preset not in gateway.config.presets:
+                raise InvalidParameter(f"preset must be one of {', '.join(gateway.config.presets)}, not {preset!r}")
+            options = EnhanceOptions(
+                scale=_parse_scale(request.get_param("scale"), gateway.config.scale),
+                faces=_parse_bool(request.get_param("faces"), "faces", True),
+                preset=preset,
+                output_format=_parse_choice(request.get_param("format"), "format", OUTPUT_FORMATS),
+                quality=_parse_quality(request.get_param("quality")),
+                request_id=request_id,
+            )
+            gateway.admit()
+            try:
+                data, media_type = gateway.read_image_body(request)
+                bytes_in = len(data)
+                result = enhance_photo(data, media_type, options, gateway.services)
+            finally:
+                gateway.release()
+            status = 200
+        except Exception as exc:
+            status = http_error_for(exc).status
+            error_code = http_error_for(exc).code
+            raise
+        finally:
+            total = time.monotonic() - started
+            gateway.metrics.observe_request("/v1/enhance", status, preset if preset in gateway.config.presets else "invalid", total, result)
+            fields: dict[str, Any] = {
+                "request_id": request_id, "route": "/v1/enhance", "status": status, "preset": preset,
+                "bytes_in": bytes_in, "total_ms": round(total * 1000, 1),
+            }
+            if result is not None:
+                fields.update(
+                    bytes_out=len(result.data), faces_detected=result.faces_detected,
+                    faces_enhanced=result.faces_enhanced,
+                    stages_ms={stage: round(seconds * 1000, 1) for stage, seconds in result.timings.items()},
+                )
+            if error_code:
+                fields["error"] = error_code
+            _access_log.info("POST /v1/enhance %d", status, extra={"fields": fields})
+        response.content_type = result.media_type
+        response.data = result.data
+        response.set_header("Server-Timing", _server_timing(result.timings))
+        response.set_header("X-Faces-Detected", str(result.faces_detected))
+        response.set_header("X-Faces-Enhanced", str(result.faces_enhanced))
+        response.set_header("X-Output-Size", f"{result.width}x{result.height}")
+        response.set_header(
+            "Access-Control-Expose-Headers", "Server-Timing, X-Faces-Detected, X-Faces-Enhanced, X-Request-Id, X-Output-Size"
+        )
+        response.set_header("Timing-Allow-Origin", "*")
+
+
+class HealthResource:
+    def on_get(self, request: falcon.Request, response: falcon.Response) -> None:
+        response.media = {"status": "ok"}
+
+
+class ReadyResource:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, request: falcon.Request, response: falcon.Response) -> None:
+        needed = self.gateway.config.models_needed()
+        configured = set(self.gateway.remotes.names())
+        readiness = self.gateway.remotes.readiness()
+        models = {name: bool(readiness.get(name)) if name in configured else False for name in needed}
+        not_ready = sorted(name for name, ready in models.items() if not ready)
+        if not_ready:
+            response.status = 503
+            response.media = {"status": "not_ready", "not_ready": not_ready, "models": models}
+            response.set_header("Retry-After", "1")
+        else:
+            response.media = {"status": "ready", "models": models}
+
+
+class OpenApiResource:
+    def __init__(self, gateway: Gateway) -> None:
+        self.document = json.dumps(openapi_document(gateway.config))
+
+    def on_get(self, request: falcon.Request, response: falcon.Response) -> None:
+        response.content_type = falcon.MEDIA_JSON
+        response.text = self.document
+
+
+class MetricsResource:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, request: falcon.Request, response: falcon.Response) -> None:
+        body, content_type = self.gateway.metrics.exposition()
+        response.content_type = content_type
+        response.data = body
+
+
+class WebPageResource:
+    def on_get(self, request: falcon.Request, response: falcon.Response, name: str = "index.html") -> None:
+        if name not in ("index.html", "app.js", "style.css"):
+            raise falcon.HTTPNotFound()
+        package = resources.files("chaoqing") / "web" / name
+        try:
+            data = package.read_bytes()
+        except FileNotFoundError:
+            raise falcon.HTTPNotFound() from None
+        response.content_type = {"html": falcon.MEDIA_HTML, "js": falcon.MEDIA_JS, "css": "text/css"}[name.rsplit(".", 1)[1]]
+        response.data = data
+        response.cache_control = ["no-cache"]
+
+
+def create_app(config: Config, remotes: RemoteModels, metrics: GatewayMetrics | None = None) -> falcon.App:
+    """The WSGI app for ``config``, calling models through ``remotes``."""
+    return Gateway(config, remotes, metrics).app
+
+
+def _build_app(gateway: Gateway) -> falcon.App:
+    app = falcon.App(cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.auto_parse_qs_csv = False
+    app.resp_options.secure_cookies_by_default = True
+    app.add_route("/v1/enhance", EnhanceResource(gateway))
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(gateway))
+    app.add_route("/openapi.json", OpenApiResource(gateway))
+    app.add_route("/metrics", MetricsResource(gateway))
+    page = WebPageResource()
+    app.add_route("/", page)
+    app.add_route("/web/{name}", page)
+    app.add_error_handler(Exception, gateway.handle_error)
+    app.add_error_handler(falcon.HTTPError, gateway.handle_error)
+    return app

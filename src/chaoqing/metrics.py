@@ -1,0 +1,107 @@
+"""The gateway's Prometheus metrics, in a registry of its own (no global state).
+
+Requests by route/status/preset, latency per stage (the Server-Timing stages), faces per
+request, requests in flight, remote calls by model/endpoint/outcome with latency, circuit
+state per endpoint, and hub blocking events reported by gevent's monitor thread.
+:class:`GatewayMetrics` is also the remote client's :class:`chaoqing.remote.CallObserver`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .pipeline import EnhanceResult
+
+__all__ = ["GatewayMetrics"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class GatewayMetrics:
+    """All gateway metrics; ``exposition()`` renders them for ``GET /metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "chaoqing_requests", "HTTP requests by route, status and preset", ["route", "status", "preset"], registry=registry
+        )
+        self.request_seconds = Histogram(
+            "chaoqing_request_seconds", "End-to-end request latency", ["route", "preset"], buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "chaoqing_stage_seconds", "Latency of each pipeline stage (as in Server-Timing)", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.faces_detected = Histogram(
+            "chaoqing_faces_per_request", "Faces detected per request", buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.faces_enhanced = Counter("chaoqing_faces_enhanced", "Faces enhanced and composited", registry=registry)
+        self.faces_failed = Counter("chaoqing_faces_failed", "Faces left as background after a failure", registry=registry)
+        self.in_flight = Gauge("chaoqing_requests_in_flight", "Enhance requests being processed", registry=registry)
+        self.remote_calls = Counter(
+            "chaoqing_remote_calls", "Calls to model servers by model, endpoint and outcome", ["model", "endpoint", "outcome"],
+            registry=registry,
+        )
+        self.remote_call_seconds = Histogram(
+            "chaoqing_remote_call_seconds", "Latency of calls to model servers", ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.circuit_state = Gauge(
+            "chaoqing_circuit_state", "Endpoint circuit: 0 closed, 1 half-open, 2 open", ["model", "endpoint"],
+            registry=registry,
+        )
+        self.hub_blocks = Counter(
+            "chaoqing_hub_blocked", "Times gevent's monitor saw the hub blocked longer than the limit", registry=registry
+        )
+        self.hub_block_seconds = Histogram(
+            "chaoqing_hub_blocked_seconds", "How long the hub was seen blocked", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=registry,
+        )
+
+    # -- the remote client's observer -----------------------------------------------------
+
+    def on_call(self, model: str, endpoint: str, outcome: str, seconds: float) -> None:
+        self.remote_calls.labels(model, endpoint, outcome).inc()
+        self.remote_call_seconds.labels(model, endpoint).observe(seconds)
+
+    def on_circuit(self, model: str, endpoint: str, state: str) -> None:
+        self.circuit_state.labels(model, endpoint).set(CIRCUIT_VALUES.get(state, -1))
+
+    # -- requests ------------------------------------------------------------------------
+
+    def observe_request(self, route: str, status: int, preset: str, seconds: float, result: EnhanceResult | None) -> None:
+        self.requests.labels(route, str(status), preset).inc()
+        self.request_seconds.labels(route, preset).observe(seconds)
+        if result is None:
+            return
+        for stage, stage_seconds in result.timings.items():
+            self.stage_seconds.labels(stage).observe(stage_seconds)
+        self.faces_detected.observe(result.faces_detected)
+        self.faces_enhanced.inc(result.faces_enhanced)
+        self.faces_failed.inc(len(result.face_errors))
+
+    def on_hub_blocked(self, seconds: float) -> None:
+        self.hub_blocks.inc()
+        self.hub_block_seconds.observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """One sample's current value (0 when absent); for tests and benchmarks."""
+        value = self.registry.get_sample_value(name, labels or {})
+        return float(value) if value is not None else 0.0
+
+    def __repr__(self) -> str:
+        return "GatewayMetrics()"
+
+    def __reduce__(self) -> Any:  # never pickled into worker processes by accident
+        raise TypeError("GatewayMetrics belongs to one process")

@@ -1,0 +1,181 @@
+"""The OpenAPI 3.1 document of the gateway's HTTP API (served at ``/openapi.json``).
+
+Kept next to nothing else on purpose: a test validates real responses against it, and
+schemathesis drives the running gateway from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .config import Config
+
+__all__ = ["openapi_document", "ERROR_CODES"]
+
+ERROR_CODES = (
+    "invalid_image", "invalid_parameter", "unauthorized", "image_too_large", "unsupported_media_type",
+    "request_timeout", "not_found", "method_not_allowed", "invalid_request", "model_error", "model_unavailable",
+    "overloaded", "deadline_exceeded", "internal_error",
+)
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+
+
+def _error_response(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
+        }
+    return response
+
+
+def openapi_document(config: Config) -> dict[str, Any]:
+    """The document for a gateway configured with ``config`` (defaults and limits filled in)."""
+    binary = {"type": "string", "contentMediaType": "application/octet-stream"}
+    limits = config.limits
+    enhance_parameters = [
+        {"name": "scale", "in": "query", "description": "Output size over input size, 1 to 4.",
+         "schema": {"type": "number", "minimum": 1, "maximum": 4, "default": config.scale}},
+        {"name": "faces", "in": "query", "description": "Enhance faces (presets with a face model).",
+         "schema": {"type": "boolean", "default": True}},
+        {"name": "preset", "in": "query", "description": "; ".join(f"{p.name}: {p.description}" for p in config.presets.values()),
+         "schema": {"type": "string", "enum": list(config.presets), "default": config.preset}},
+        {"name": "format", "in": "query", "description": "Output format; default jpeg for JPEG input, else png.",
+         "schema": {"type": "string", "enum": ["png", "jpeg", "webp"]}},
+        {"name": "quality", "in": "query", "description": "JPEG/WebP quality (100 = lossless WebP).",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        {"name": "X-Request-Id", "in": "header", "required": False,
+         "description": "Echoed back when it is 1-64 characters of [A-Za-z0-9._:-]; generated otherwise.",
+         "schema": {"type": "string"}},
+    ]
+    image_headers = {
+        "Server-Timing": {"description": "decode, detect, upscale, faces, composite, encode, total (ms)",
+                          "schema": {"type": "string"}},
+        "X-Request-Id": {"schema": {"type": "string"}},
+        "X-Faces-Detected": {"description": "Faces the detector found", "schema": {"type": "string"}},
+        "X-Faces-Enhanced": {"description": "Faces enhanced and composited; the rest kept the background",
+                             "schema": {"type": "string"}},
+    }
+    security: list[dict[str, list[str]]] = [{"bearer": []}] if config.api_keys else []
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "chaoqing",
+            "version": __version__,
+            "summary": "Photo super-resolution with face enhancement",
+            "description": (
+                "Upload a photo, get it back larger and sharper, faces enhanced. "
+                f"Limits: {limits.max_body_bytes} bytes, {limits.max_input_pixels} input pixels, "
+                f"{limits.max_output_pixels} output pixels."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "paths": {
+            "/v1/enhance": {
+                "post": {
+                    "operationId": "enhance",
+                    "summary": "Enhance one photo",
+                    "security": security,
+                    "parameters": enhance_parameters,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            **{media_type: {"schema": binary} for media_type in UPLOAD_TYPES},
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {"image": binary},
+                                },
+                                "encoding": {"image": {"contentType": ", ".join(UPLOAD_TYPES)}},
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The enhanced photo",
+                            "headers": image_headers,
+                            "content": {media_type: {"schema": binary} for media_type in IMAGE_TYPES},
+                        },
+                        "400": _error_response("invalid_image or invalid_parameter"),
+                        "401": _error_response("unauthorized: API key missing or wrong"),
+                        "408": _error_response("request_timeout: the upload did not arrive in time"),
+                        "413": _error_response("image_too_large: bytes, input or output pixels over the limits"),
+                        "415": _error_response("unsupported_media_type"),
+                        "500": _error_response("internal_error"),
+                        "502": _error_response("model_error: a model server failed or answered badly"),
+                        "503": _error_response("model_unavailable or overloaded", retry_after=True),
+                        "504": _error_response("deadline_exceeded"),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "The process serves",
+                    "responses": {"200": {"description": "Alive", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}}}}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Every model the presets need has a ready endpoint",
+                    "responses": {
+                        "200": {"description": "Ready", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+                        "503": {"description": "Not ready; lists the models that are not",
+                                "headers": {"Retry-After": {"schema": {"type": "string"}}},
+                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "Text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string", "enum": list(ERROR_CODES)},
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "Readiness": {
+                    "type": "object",
+                    "required": ["status", "models"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+                        "not_ready": {"type": "array", "items": {"type": "string"}},
+                        "models": {"type": "object", "additionalProperties": {"type": "boolean"}},
+                    },
+                },
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

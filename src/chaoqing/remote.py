@@ -1,0 +1,550 @@
+"""The gateway's KServe v2 client: binary tensors over geventhttpclient, replicas, deadlines.
+
+**Use only from greenlets on the hub thread** of a gevent process (monkey-patched, as the
+gateway is). Nothing here is safe to call from gevent's threadpool workers or from plain
+threads: connection pools, counters and health state belong to the hub.
+
+Shape::
+
+    RemoteModels                       every model the gateway calls, by name
+     └── RemoteModel                   one model on one or more endpoints (replicas)
+          └── Endpoint                 one server URL: a geventhttpclient connection pool
+                                       with TCP_NODELAY, outstanding-call count, circuit
+
+Each call has a deadline (an absolute ``time.monotonic()`` value, usually the request's),
+enforced with :class:`gevent.Timeout` around the whole exchange, not only per socket
+operation; the remaining time is also sent as Triton's ``timeout`` parameter so a server
+drops work nobody waits for. Endpoints are picked by power of two choices on outstanding
+calls. An endpoint that refuses connections is ejected at once; one that times out or
+answers 5xx is ejected after ``eject_after_failures`` failures in a row (its circuit
+opens: calls fail fast with ModelUnavailable and Retry-After instead of piling up); after
+``eject_for_s`` one trial call is let through (half-open) and a success closes the circuit.
+Active health checks (``/v2/health/ready`` every ``health_interval_s``) eject and re-admit
+too. A call that fails on one replica with a retryable error is retried once on another
+replica within the same deadline; client errors (4xx) and timeouts are not retried.
+
+Errors (all :class:`chaoqing.errors.ModelServerError`): ModelUnavailable (refused,
+unreachable, 503, circuit open), ModelTimeout (deadline passed), BadModelResponse
+(malformed or missing tensors), ModelServerError itself for other answers, carrying the
+server's ``{"error": ...}`` message and status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket as stdlib_socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import gevent
+import numpy as np
+from gevent import Timeout
+from geventhttpclient import HTTPParseError
+from geventhttpclient.connectionpool import ConnectionPool
+from geventhttpclient.response import HTTPConnectionClosed, HTTPSocketPoolResponse
+
+from . import v2
+from .config import Config, RemoteSettings
+from .errors import BadModelResponse, ModelServerError, ModelTimeout, ModelUnavailable
+
+__all__ = [
+    "CallObserver",
+    "Endpoint",
+    "ModelMetadata",
+    "RemoteModel",
+    "RemoteModels",
+    "TensorMetadata",
+]
+
+_log = logging.getLogger("chaoqing.remote")
+
+RESPONSE_BLOCK_SIZE = 256 * 1024  # recv size for responses: big tensors in few syscalls
+HEALTH_TIMEOUT_S = 2.0
+METADATA_TIMEOUT_S = 10.0
+CIRCUIT_CLOSED, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN = "closed", "open", "half_open"
+
+
+class CallObserver(Protocol):
+    """Receives what the client sees, for metrics. The default observer ignores it all."""
+
+    def on_call(self, model: str, endpoint: str, outcome: str, seconds: float) -> None: ...
+
+    def on_circuit(self, model: str, endpoint: str, state: str) -> None: ...
+
+
+class _SilentObserver:
+    def on_call(self, model: str, endpoint: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def on_circuit(self, model: str, endpoint: str, state: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What the gateway needs to know about a remote model, read from ``GET /v2/models/{m}``."""
+
+    name: str
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """The model's output/input size ratio (``parameters.scale``; 1 when absent)."""
+        raw = self.parameters.get("scale", 1)
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            return 1.0
+
+    @property
+    def max_batch_size(self) -> int:
+        raw = self.parameters.get("max_batch_size", 0)
+        return raw if isinstance(raw, int) else 0
+
+    def input(self, name: str) -> TensorMetadata:
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise BadModelResponse(f"model {self.name} has no input {name!r}", model=self.name)
+
+    @classmethod
+    def from_json(cls, payload: Any, model: str) -> ModelMetadata:
+        """Parse v2 model metadata; raises BadModelResponse when it is not metadata."""
+        try:
+            def tensors(key: str) -> tuple[TensorMetadata, ...]:
+                return tuple(
+                    TensorMetadata(str(item["name"]), str(item["datatype"]), tuple(int(dim) for dim in item["shape"]))
+                    for item in payload[key]
+                )
+
+            parameters = payload.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                parameters = {}
+            return cls(str(payload["name"]), str(payload.get("platform", "")), tensors("inputs"), tensors("outputs"), parameters)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BadModelResponse(f"model {model}: metadata is malformed ({exc})", model=model) from None
+
+
+class _NoDelayPool(ConnectionPool):  # type: ignore[misc]
+    def after_connect(self, sock: Any) -> None:
+        sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+
+
+@dataclass
+class _Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Endpoint:
+    """One model server URL. Hub-thread only."""
+
+    def __init__(self, url: str, settings: RemoteSettings) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{url!r}: model endpoints must be http://host:port URLs")
+        self.url = url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.base_path = parts.path.rstrip("/")
+        self.settings = settings
+        self._pool = _NoDelayPool(
+            self.host,
+            self.port,
+            self.host,
+            self.port,
+            size=settings.connections_per_endpoint,
+            connection_timeout=settings.connect_timeout_s,
+            # the deadline is enforced by gevent.Timeout around each call; this only
+            # bounds a single socket operation of a call without a deadline
+            network_timeout=3600.0,
+        )
+        self.outstanding = 0
+        self.consecutive_failures = 0
+        self.circuit = CIRCUIT_CLOSED
+        self.open_until = 0.0
+        self._trial_in_flight = False
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.url!r}, circuit={self.circuit}, outstanding={self.outstanding})"
+
+    # -- circuit --------------------------------------------------------------------------
+
+    def available(self, now: float) -> bool:
+        """Whether a call may go here now (a half-open circuit lets one trial through)."""
+        if self.circuit == CIRCUIT_CLOSED:
+            return True
+        if now >= self.open_until and not self._trial_in_flight:
+            return True
+        return False
+
+    def record_success(self) -> str | None:
+        self.consecutive_failures = 0
+        self._trial_in_flight = False
+        if self.circuit != CIRCUIT_CLOSED:
+            self.circuit = CIRCUIT_CLOSED
+            return CIRCUIT_CLOSED
+        return None
+
+    def record_failure(self, now: float, *, eject_now: bool) -> str | None:
+        self.consecutive_failures += 1
+        self._trial_in_flight = False
+        if eject_now or self.circuit != CIRCUIT_CLOSED or self.consecutive_failures >= self.settings.eject_after_failures:
+            self.open_until = now + self.settings.eject_for_s
+            if self.circuit != CIRCUIT_OPEN:
+                self.circuit = CIRCUIT_OPEN
+                return CIRCUIT_OPEN
+        return None
+
+    def begin(self, now: float) -> None:
+        self.outstanding += 1
+        if self.circuit != CIRCUIT_CLOSED and now >= self.open_until:
+            self.circuit = CIRCUIT_HALF_OPEN
+            self._trial_in_flight = True
+
+    def end(self) -> None:
+        self.outstanding -= 1
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def exchange(
+        self, method: str, path: str, chunks: Sequence[bytes | memoryview] = (), headers: Mapping[str, str] | None = None
+    ) -> _Reply:
+        """One HTTP exchange. Raises OSError / HTTP parse errors as they come; the caller's
+        gevent.Timeout bounds it. The socket goes back to the pool only after a complete
+        response; on any interruption it is closed, so the pool never loses a slot."""
+        head = [f"{method} {self.base_path}{path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        body_length = sum(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes for chunk in chunks)
+        head.append(f"Content-Length: {body_length}")
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}")
+        request_head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        for attempt in (1, 2):
+            sock = self._pool.get_socket()
+            try:
+                if chunks and len(chunks[0]) < 65536:
+                    sock.sendall(request_head + bytes(chunks[0]))  # one write: no small-segment stall
+                    rest = chunks[1:]
+                else:
+                    sock.sendall(request_head)
+                    rest = chunks
+                for chunk in rest:
+                    sock.sendall(chunk)
+            except BaseException:
+                self._pool.release_socket(sock)
+                raise
+            try:
+                response = HTTPSocketPoolResponse(sock, self._pool, block_size=RESPONSE_BLOCK_SIZE, method=method)
+            except HTTPConnectionClosed:
+                # a kept-alive connection the server had closed: nothing was processed
+                if attempt == 1:
+                    continue
+                raise
+            body = response.read()
+            return _Reply(response.status_code, {key.lower(): value for key, value in response.items()}, body)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _error_message(reply: _Reply) -> str:
+    try:
+        payload = json.loads(reply.body)
+    except ValueError:
+        return reply.body[:200].decode("utf-8", "replace") or f"HTTP {reply.status}"
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return str(error) if error else f"HTTP {reply.status}"
+
+
+class RemoteModel:
+    """A model served by one or more endpoints. Hub-thread only."""
+
+    def __init__(
+        self,
+        name: str,
+        urls: Sequence[str],
+        settings: RemoteSettings,
+        observer: CallObserver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError(f"model {name}: no endpoints")
+        self.name = name
+        self.settings = settings
+        self.endpoints = [Endpoint(url, settings) for url in urls]
+        self._observer: CallObserver = observer or _SilentObserver()
+        self._rng = rng or random.Random()
+        self._metadata: ModelMetadata | None = None
+        self._health_checker: gevent.Greenlet | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self.name!r}, {self.endpoints!r})"
+
+    # -- choosing -------------------------------------------------------------------------
+
+    def _choose(self, exclude: Endpoint | None) -> Endpoint:
+        now = time.monotonic()
+        candidates = [endpoint for endpoint in self.endpoints if endpoint is not exclude and endpoint.available(now)]
+        if not candidates:
+            reopen = min((endpoint.open_until for endpoint in self.endpoints), default=now)
+            error = ModelUnavailable(
+                f"model {self.name}: no endpoint available (all {len(self.endpoints)} ejected after failures)",
+                model=self.name,
+            )
+            error.retry_after_s = max(1.0, reopen - now)
+            raise error
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = self._rng.sample(candidates, 2)
+        return first if first.outstanding <= second.outstanding else second
+
+    def _note(self, endpoint: Endpoint, change: str | None) -> None:
+        if change is not None:
+            _log.warning("model %s endpoint %s: circuit %s", self.name, endpoint.url, change)
+            self._observer.on_circuit(self.name, endpoint.url, change)
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def _call(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        chunks: Sequence[bytes | memoryview],
+        headers: Mapping[str, str] | None,
+        deadline: float,
+        purpose: str,
+    ) -> _Reply:
+        """One call to one endpoint, with circuit bookkeeping and error translation."""
+        started = time.monotonic()
+        remaining = deadline - started
+        if remaining <= 0:
+            raise ModelTimeout(f"model {self.name}: deadline passed before the call", model=self.name, endpoint=endpoint.url)
+        endpoint.begin(started)
+        outcome = "error"
+        timeout = Timeout(remaining)
+        timeout.start()
+        try:
+            try:
+                reply = endpoint.exchange(method, path, chunks, headers)
+            except Timeout as exc:
+                if exc is not timeout:
+                    raise
+                outcome = "timeout"
+                self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=False))
+                raise ModelTimeout(
+                    f"model {self.name} at {endpoint.url}: no answer within {remaining:.3f} s ({purpose})",
+                    model=self.name, endpoint=endpoint.url,
+                ) from None
+            except (OSError, HTTPConnectionClosed, HTTPParseError, ValueError) as exc:
+                outcome = "unreachable"
+                refused = isinstance(exc, ConnectionRefusedError)
+                self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=refused))
+                raise ModelUnavailable(
+                    f"model {self.name} at {endpoint.url} is unreachable: {exc or type(exc).__name__}",
+                    model=self.name, endpoint=endpoint.url,
+                ) from exc
+            if reply.status >= 500:
+                outcome = f"http_{reply.status}"
+                self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=False))
+                message = f"model {self.name} at {endpoint.url}: {_error_message(reply)}"
+                if reply.status == 503:
+                    raise ModelUnavailable(message, model=self.name, endpoint=endpoint.url, status=503)
+                if reply.status == 504:
+                    raise ModelTimeout(message, model=self.name, endpoint=endpoint.url, status=504)
+                raise ModelServerError(message, model=self.name, endpoint=endpoint.url, status=reply.status)
+            self._note(endpoint, endpoint.record_success())
+            if reply.status >= 400:
+                outcome = f"http_{reply.status}"
+                raise ModelServerError(
+                    f"model {self.name} at {endpoint.url} refused the request: {_error_message(reply)}",
+                    model=self.name, endpoint=endpoint.url, status=reply.status,
+                )
+            outcome = "ok"
+            return reply
+        finally:
+            timeout.close()
+            endpoint.end()
+            self._observer.on_call(self.name, endpoint.url, outcome, time.monotonic() - started)
+
+    def _with_retry(self, attempt: Callable[[Endpoint], Any]) -> Any:
+        """Run ``attempt`` on a chosen endpoint; once more on another one after a retryable failure."""
+        endpoint = self._choose(None)
+        try:
+            return attempt(endpoint)
+        except ModelTimeout:
+            raise
+        except (ModelUnavailable, BadModelResponse) as first_error:
+            retry_on = first_error
+        except ModelServerError as first_error:
+            if first_error.status < 500:
+                raise
+            retry_on = first_error
+        try:
+            other = self._choose(endpoint)
+        except ModelUnavailable:
+            raise retry_on from None
+        _log.info("model %s: retrying on %s after %s", self.name, other.url, retry_on)
+        return attempt(other)
+
+    def metadata(self, deadline: float | None = None) -> ModelMetadata:
+        """The model's v2 metadata (fetched once, then cached)."""
+        if self._metadata is None:
+            stop = deadline if deadline is not None else time.monotonic() + METADATA_TIMEOUT_S
+
+            def fetch(endpoint: Endpoint) -> ModelMetadata:
+                reply = self._call(endpoint, "GET", f"/v2/models/{self.name}", (), None, stop, "metadata")
+                try:
+                    payload = json.loads(reply.body)
+                except ValueError:
+                    raise BadModelResponse(f"model {self.name}: metadata is not JSON", model=self.name) from None
+                return ModelMetadata.from_json(payload, self.name)
+
+            self._metadata = self._with_retry(fetch)
+        return self._metadata
+
+    def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        deadline: float,
+        *,
+        request_id: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs``; return the requested ``outputs`` (read-only arrays).
+
+        ``deadline`` is absolute, on the ``time.monotonic()`` clock. Raises ModelTimeout,
+        ModelUnavailable, BadModelResponse or ModelServerError.
+        """
+
+        def attempt(endpoint: Endpoint) -> dict[str, np.ndarray]:
+            remaining_us = max(1, int((deadline - time.monotonic()) * 1e6))
+            message = v2.encode_infer_request(
+                inputs, outputs, request_id=request_id, parameters={"timeout": remaining_us}
+            )
+            headers = {key: value for key, value in message.http_headers().items() if key != "Content-Length"}
+            reply = self._call(endpoint, "POST", f"/v2/models/{self.name}/infer", message.chunks, headers, deadline, "infer")
+            raw_length = reply.headers.get(v2.HEADER_LENGTH_HEADER.lower())
+            try:
+                header_length = int(raw_length) if raw_length is not None else None
+                tensors = v2.decode_infer_response(reply.body, header_length)
+            except (ValueError, v2.MalformedMessage) as exc:
+                raise BadModelResponse(
+                    f"model {self.name} at {endpoint.url}: malformed response ({exc})", model=self.name, endpoint=endpoint.url
+                ) from None
+            missing = [name for name in outputs if name not in tensors]
+            if missing:
+                raise BadModelResponse(
+                    f"model {self.name} at {endpoint.url}: response lacks {', '.join(missing)}",
+                    model=self.name, endpoint=endpoint.url,
+                )
+            return {name: tensors[name] for name in outputs}
+
+        result: dict[str, np.ndarray] = self._with_retry(attempt)
+        return result
+
+    # -- health ---------------------------------------------------------------------------
+
+    def check_health(self) -> dict[str, bool]:
+        """Ask each endpoint whether it is ready; eject or re-admit accordingly."""
+        results: dict[str, bool] = {}
+
+        def probe(endpoint: Endpoint) -> None:
+            ready = False
+            try:
+                with Timeout(HEALTH_TIMEOUT_S):
+                    reply = endpoint.exchange("GET", f"/v2/models/{self.name}/ready")
+                ready = reply.status == 200
+            except (Timeout, OSError, HTTPConnectionClosed, HTTPParseError, ValueError):
+                ready = False
+            now = time.monotonic()
+            if ready and endpoint.circuit != CIRCUIT_CLOSED:
+                self._note(endpoint, endpoint.record_success())
+            elif not ready and endpoint.circuit == CIRCUIT_CLOSED:
+                self._note(endpoint, endpoint.record_failure(now, eject_now=True))
+            results[endpoint.url] = ready
+
+        gevent.joinall([gevent.spawn(probe, endpoint) for endpoint in self.endpoints], timeout=HEALTH_TIMEOUT_S * 2)
+        return results
+
+    def start_health_checks(self) -> None:
+        if self._health_checker is None:
+            self._health_checker = gevent.spawn(self._health_loop)
+
+    def _health_loop(self) -> None:
+        while True:
+            self.check_health()
+            gevent.sleep(self.settings.health_interval_s)
+
+    def close(self) -> None:
+        if self._health_checker is not None:
+            self._health_checker.kill()
+            self._health_checker = None
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+
+class RemoteModels:
+    """Every model the gateway calls, by name. Hub-thread only."""
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, Sequence[str]],
+        settings: RemoteSettings,
+        observer: CallObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self._models = {name: RemoteModel(name, urls, settings, observer) for name, urls in endpoints.items()}
+
+    @classmethod
+    def from_config(cls, config: Config, observer: CallObserver | None = None) -> RemoteModels:
+        return cls(config.endpoints, config.remote, observer)
+
+    def __getitem__(self, name: str) -> RemoteModel:
+        model = self._models.get(name)
+        if model is None:
+            raise ModelUnavailable(f"no endpoint is configured for model {name!r}", model=name)
+        return model
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def start_health_checks(self) -> None:
+        for model in self._models.values():
+            model.start_health_checks()
+
+    def readiness(self) -> dict[str, bool]:
+        """Each model's readiness: ready when at least one endpoint is ready."""
+        results: dict[str, bool] = {}
+
+        def check(model: RemoteModel) -> None:
+            results[model.name] = any(model.check_health().values())
+
+        gevent.joinall([gevent.spawn(check, model) for model in self._models.values()], timeout=HEALTH_TIMEOUT_S * 3)
+        return {name: results.get(name, False) for name in self._models}
+
+    def close(self) -> None:
+        for model in self._models.values():
+            model.close()

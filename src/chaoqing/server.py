@@ -1,0 +1,141 @@
+"""Running the gateway: model endpoints (configured or embedded), gevent's WSGIServer, shutdown.
+
+:func:`open_models` gives the gateway its remote models: the configured endpoints, plus an
+embedded model-server child process for every needed model that has none.
+:class:`GatewayServer` serves the app on a TCP_NODELAY listener with a bounded connection
+pool, watches the hub with gevent's monitor thread (blocking events become metrics), and
+stops gracefully: the listener closes, in-flight requests get ``grace_s`` to finish, then
+the model-server children are stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import gevent
+from gevent.pywsgi import WSGIServer
+
+from .config import Config
+from .errors import ChaoqingError
+from .gateway import Gateway
+from .listen import QuietHandler, bound_port, create_listener
+from .metrics import GatewayMetrics
+from .pipeline import quiet_expected_errors
+from .remote import RemoteModels
+from .supervisor import ModelServerSupervisor
+
+__all__ = ["GatewayServer", "open_models", "ModelsNotReady", "MAX_BLOCKING_TIME_S"]
+
+_log = logging.getLogger("chaoqing.server")
+
+MAX_BLOCKING_TIME_S = 0.1  # gevent's monitor reports the hub blocked longer than this
+CONNECTIONS_PER_IN_FLIGHT = 8  # idle keep-alive and health-check connections beside the work
+
+
+class ModelsNotReady(ChaoqingError):
+    """Model servers did not become ready in time."""
+
+
+def open_models(
+    config: Config, models: Iterable[str], metrics: GatewayMetrics | None = None, *, log_level: str = "warning"
+) -> tuple[RemoteModels, ModelServerSupervisor | None]:
+    """Remote models for ``models``: configured endpoints, embedded children for the rest.
+
+    Raises SupervisorError when an embedded model server does not start.
+    """
+    needed = list(dict.fromkeys(models))
+    missing = [name for name in needed if name not in config.endpoints]
+    supervisor = None
+    endpoints = {name: urls for name, urls in config.endpoints.items()}
+    if missing:
+        supervisor = ModelServerSupervisor(missing, config.model_server, log_level=log_level)
+        supervisor.start()
+        endpoints.update(supervisor.endpoints)
+    return RemoteModels(endpoints, config.remote, metrics), supervisor
+
+
+def wait_until_ready(remotes: RemoteModels, models: Iterable[str], timeout_s: float) -> None:
+    """Poll readiness until every model has a ready endpoint; raises ModelsNotReady."""
+    wanted = list(models)
+    ends_at = time.monotonic() + timeout_s
+    while True:
+        readiness = remotes.readiness()
+        waiting = [name for name in wanted if not readiness.get(name)]
+        if not waiting:
+            return
+        if time.monotonic() >= ends_at:
+            raise ModelsNotReady(f"models not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
+        gevent.sleep(0.2)
+
+
+def _watch_hub(metrics: GatewayMetrics) -> None:
+    """Turn gevent's monitor-thread reports of a blocked hub into metrics."""
+    from gevent import config as gevent_config
+    from gevent import events
+
+    gevent_config.monitor_thread = True
+    gevent_config.max_blocking_time = MAX_BLOCKING_TIME_S
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, events.EventLoopBlocked):
+            metrics.on_hub_blocked(float(event.blocking_time))
+
+    events.subscribers.append(on_event)
+    gevent.get_hub().start_periodic_monitoring_thread()
+
+
+class GatewayServer:
+    """One gateway process's HTTP server. Raises OSError when the address is taken."""
+
+    def __init__(self, config: Config, remotes: RemoteModels, supervisor: ModelServerSupervisor | None = None,
+                 metrics: GatewayMetrics | None = None, *, watch_hub: bool = True) -> None:
+        self.config = config
+        self.remotes = remotes
+        self.supervisor = supervisor
+        self.metrics = metrics or GatewayMetrics()
+        quiet_expected_errors()
+        self.gateway = Gateway(config, remotes, self.metrics)
+        self.app = self.gateway.app
+        self._listener = create_listener(config.host, config.port)
+        self.port = bound_port(self._listener)
+        threadpool = gevent.get_hub().threadpool
+        threadpool.maxsize = max(threadpool.maxsize, (os.cpu_count() or 2) * 2)
+        self._server = WSGIServer(
+            self._listener, self.app, spawn=config.max_in_flight * CONNECTIONS_PER_IN_FLIGHT,
+            log=None, error_log=_log, handler_class=QuietHandler,
+        )
+        if watch_hub:
+            _watch_hub(self.metrics)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    def start(self) -> None:
+        self.remotes.start_health_checks()
+        self._server.start()
+
+    def serve_forever(self) -> None:
+        if not self._server.started:
+            self.start()
+        self._server.serve_forever()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish within ``grace_s``, stop children.
+
+        Idle keep-alive connections do not hold the shutdown up: only requests do."""
+        self._server.close()
+        gateway = self.gateway
+        ends_at = time.monotonic() + grace_s
+        while gateway.in_flight and time.monotonic() < ends_at:
+            gevent.sleep(0.05)
+        if gateway.in_flight:
+            _log.warning("%d requests still in flight after %.0f s; stopping them", gateway.in_flight, grace_s)
+        self._server.stop(timeout=0.5)
+        self.remotes.close()
+        if self.supervisor is not None:
+            self.supervisor.stop(grace_s=grace_s)

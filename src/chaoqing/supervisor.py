@@ -1,0 +1,175 @@
+"""Embedded model servers: child processes started, watched and restarted by the gateway.
+
+``chaoqing serve`` and ``chaoqing enhance`` with no model endpoints configured start one
+``chaoqing model-server`` process per model (a crash takes one model down, not all), on
+127.0.0.1 and a free port; the child prints its URL on its first line. A child that exits
+unexpectedly is started again on the same port (so the gateway's endpoints stay valid),
+with a growing back-off. Children die with the parent (PR_SET_PDEATHSIG on Linux), and
+:meth:`ModelServerSupervisor.stop` terminates them gracefully, then kills stragglers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import gevent
+from gevent import subprocess
+
+from .config import ModelServerSettings
+from .errors import ChaoqingError
+
+__all__ = ["ModelServerSupervisor", "SupervisorError"]
+
+_log = logging.getLogger("chaoqing.supervisor")
+
+LISTENING_PATTERN = re.compile(r"listening on (http://\S+)")
+START_TIMEOUT_S = 60.0
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+STABLE_AFTER_S = 30.0  # a child that ran this long resets the back-off
+PR_SET_PDEATHSIG = 1
+
+
+class SupervisorError(ChaoqingError):
+    """A model server child could not be started."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class _Child:
+    model: str
+    port: int = 0
+    url: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    watcher: gevent.Greenlet | None = None
+    extra_arguments: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ModelServerSupervisor:
+    """Starts and watches one model-server process per model. Hub-thread only."""
+
+    def __init__(self, models: Iterable[str], settings: ModelServerSettings, *, log_level: str = "warning",
+                 threads_per_model: int | None = None) -> None:
+        self.settings = settings
+        self.log_level = log_level
+        self.threads_per_model = threads_per_model if threads_per_model is not None else settings.threads
+        self._children = {model: _Child(model) for model in dict.fromkeys(models)}
+        self._stopping = False
+
+    @property
+    def endpoints(self) -> Mapping[str, tuple[str, ...]]:
+        """Model name → (URL,), for the gateway's remote client."""
+        return {child.model: (child.url,) for child in self._children.values() if child.url}
+
+    def _command(self, child: _Child) -> list[str]:
+        settings = self.settings
+        return [
+            sys.executable, "-m", "chaoqing", "model-server",
+            "--model", child.model,
+            "--host", "127.0.0.1",
+            "--port", str(child.port),
+            "--threads", str(self.threads_per_model),
+            "--device", settings.device,
+            "--instances", str(settings.instances),
+            "--max-batch-size", str(settings.max_batch_size),
+            "--max-queue-delay-ms", str(settings.max_queue_delay_ms),
+            "--max-queue-size", str(settings.max_queue_size),
+            "--sim-latency-ms", str(settings.sim_latency_ms),
+            "--sim-faces", str(settings.sim_faces),
+            "--log-level", self.log_level,
+            *child.extra_arguments,
+        ]
+
+    def _launch(self, child: _Child) -> None:
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            self._command(child), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=environment,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        child.process = process
+        child.started_at = time.monotonic()
+        assert process.stdout is not None
+        line = b""
+        with gevent.Timeout(START_TIMEOUT_S, False):
+            line = process.stdout.readline()
+        match = LISTENING_PATTERN.search(line.decode("utf-8", "replace"))
+        if not match:
+            process.kill()
+            process.wait()
+            raise SupervisorError(
+                f"model server for {child.model} did not start (exit code {process.returncode}); see its log above"
+            )
+        child.url = match.group(1)
+        child.port = int(child.url.rsplit(":", 1)[1])
+        _log.info("model server %s started at %s (pid %d)", child.model, child.url, process.pid)
+
+    def start(self) -> None:
+        """Start every child (concurrently) and return once each has printed its URL.
+
+        Raises SupervisorError when one does not start; the others are stopped then.
+        """
+        jobs = [gevent.spawn(self._launch, child) for child in self._children.values()]
+        gevent.joinall(jobs)
+        failed = [job.exception for job in jobs if not job.successful()]
+        if failed:
+            self.stop(grace_s=2.0)
+            error = failed[0]
+            raise error if isinstance(error, SupervisorError) else SupervisorError(str(error))
+        for child in self._children.values():
+            child.watcher = gevent.spawn(self._watch, child)
+
+    def _watch(self, child: _Child) -> None:
+        while not self._stopping:
+            assert child.process is not None
+            code = child.process.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - child.started_at > STABLE_AFTER_S:
+                child.restarts = 0
+            delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
+            child.restarts += 1
+            _log.error("model server %s exited with %s; restarting in %.1f s", child.model, code, delay)
+            gevent.sleep(delay)
+            try:
+                self._launch(child)
+            except SupervisorError as exc:
+                _log.error("%s", exc)
+
+    def pids(self) -> dict[str, int]:
+        return {model: child.process.pid for model, child in self._children.items() if child.process is not None}
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child, wait up to ``grace_s``, then SIGKILL what is left."""
+        self._stopping = True
+        for child in self._children.values():
+            if child.watcher is not None:
+                child.watcher.kill(block=False)
+        processes = [child.process for child in self._children.values() if child.process is not None]
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        ends_at = time.monotonic() + grace_s
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.1, ends_at - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()

@@ -1,0 +1,223 @@
+"""Tiles for large photos: plan them, resample each to the output grid, stitch without seams.
+
+Pure pixel code; the fan-out over model servers is :mod:`chaoqing.upscale`'s.
+
+Plan. Along each axis of length ``L`` tiles are ``T`` input pixels long (``L`` itself when
+the photo is shorter than a tile: all tiles of a request share one shape, so model servers
+can batch them). Neighbouring tiles overlap by at least ``blend + 2·margin`` pixels; the
+first tile starts at 0, the last ends at ``L``, the rest are spread evenly between, so edge
+tiles need no padding. Between two neighbours a seam sits in the middle of their overlap:
+``margin`` pixels of context on each side are never shown (the model sees past the tile's
+edge poorly), and the ``blend`` pixels around the seam are cross-faded.
+
+Resampling. A tile comes back from the model at its native scale ``S``; the photo is asked
+for at scale ``s``. Each tile is resampled straight onto the output grid with Pillow's
+Lanczos and an exact fractional source box, so the result equals resampling the whole
+native image (edges map to edges, as in :func:`chaoqing.resize.resize_lanczos`), and the
+native-scale image is never held whole.
+
+Stitching. Weights are products of per-axis linear ramps quantised to ``RAMP_LEVELS`` steps,
+whose two sides of every seam add up exactly, so the four weights at a corner sum to
+``RAMP_LEVELS²`` = 256. Tiles are accumulated as ``weight × value`` into a uint16 canvas
+(255 × 256 fits), in any order, and the canvas is divided once at the end: the result does
+not depend on which tile finished first, and the canvas costs 2 bytes per channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from gevent import monkey
+from PIL import Image
+
+__all__ = ["Tile", "TilePlan", "plan_tiles", "TileCanvas", "RAMP_LEVELS"]
+
+RAMP_LEVELS = 16  # ramp steps per seam: 16 × 16 = 256 per pixel, so 255 × 256 fits a uint16
+WEIGHT_TOTAL = RAMP_LEVELS * RAMP_LEVELS
+
+# Threadpool workers are native threads; a gevent lock would not exclude them from each other.
+_NativeLock = monkey.get_original("threading", "Lock")
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One tile along one axis, in input pixels, and the output pixels it is responsible for."""
+
+    start: int  # input
+    length: int  # input
+    seam_before: float | None  # input coordinate of the seam with the previous tile
+    seam_after: float | None
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: where to cut it from the input (``x``, ``y``, ``width``, ``height``)."""
+
+    index: int
+    x: int
+    y: int
+    width: int
+    height: int
+    x_span: _Span
+    y_span: _Span
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """All tiles of one photo, and the geometry they share."""
+
+    input_size: tuple[int, int]  # width, height
+    output_size: tuple[int, int]
+    tiles: tuple[Tile, ...]
+    blend: int
+    margin: int
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """(height, width) shared by every tile."""
+        return self.tiles[0].height, self.tiles[0].width
+
+
+def _plan_axis(length: int, tile: int, blend: int, margin: int) -> list[_Span]:
+    if length <= tile:
+        return [_Span(0, length, None, None)]
+    minimum_overlap = blend + 2 * margin
+    if tile <= 2 * minimum_overlap:
+        raise ValueError(f"tile size {tile} is too small for blend {blend} and margin {margin}")
+    count = math.ceil((length - minimum_overlap) / (tile - minimum_overlap))
+    starts = [round(index * (length - tile) / (count - 1)) for index in range(count)]
+    seams = [((starts[index + 1]) + (starts[index] + tile)) / 2 for index in range(count - 1)]
+    return [
+        _Span(start, tile, seams[index - 1] if index > 0 else None, seams[index] if index < count - 1 else None)
+        for index, start in enumerate(starts)
+    ]
+
+
+def plan_tiles(
+    width: int, height: int, output_width: int, output_height: int, tile_size: int, blend: int, margin: int
+) -> TilePlan:
+    """Tiles for a ``width``×``height`` photo going to ``output_width``×``output_height``.
+
+    Raises ValueError when ``tile_size`` cannot hold the overlap (``> 2·(blend + 2·margin)``).
+    """
+    x_spans = _plan_axis(width, tile_size, blend, margin)
+    y_spans = _plan_axis(height, tile_size, blend, margin)
+    tiles = tuple(
+        Tile(index=row * len(x_spans) + column, x=x_span.start, y=y_span.start, width=x_span.length,
+             height=y_span.length, x_span=x_span, y_span=y_span)
+        for row, y_span in enumerate(y_spans)
+        for column, x_span in enumerate(x_spans)
+    )
+    return TilePlan((width, height), (output_width, output_height), tiles, blend, margin)
+
+
+def _responsibility(span: _Span, blend: int, ratio: float, output_length: int) -> tuple[int, int, int, int]:
+    """Output range [first, stop) this tile writes, and its fade-in / fade-out window bounds."""
+    if span.seam_before is None:
+        first = fade_in_end = 0
+    else:
+        first = round(ratio * (span.seam_before - blend / 2))
+        fade_in_end = round(ratio * (span.seam_before + blend / 2))
+    if span.seam_after is None:
+        stop = fade_out_start = output_length
+    else:
+        fade_out_start = round(ratio * (span.seam_after - blend / 2))
+        stop = round(ratio * (span.seam_after + blend / 2))
+    return first, stop, fade_in_end, fade_out_start
+
+
+def _ramp(first: int, stop: int, fade_in_end: int, fade_out_start: int) -> npt.NDArray[np.uint16]:
+    """Integer weights in [0, RAMP_LEVELS] over [first, stop): rising, flat, falling.
+
+    A seam's falling side and the next tile's rising side are computed from the same window
+    with the same rounding, so they add up to RAMP_LEVELS exactly.
+    """
+    positions = np.arange(first, stop, dtype=np.float64) + 0.5
+    weights = np.full(stop - first, RAMP_LEVELS, dtype=np.float64)
+    if fade_in_end > first:
+        rising = np.floor(RAMP_LEVELS * (positions - first) / (fade_in_end - first) + 0.5)
+        weights = np.where(positions < fade_in_end, rising, weights)
+    if stop > fade_out_start:
+        rising_next = np.floor(RAMP_LEVELS * (positions - fade_out_start) / (stop - fade_out_start) + 0.5)
+        weights = np.where(positions >= fade_out_start, RAMP_LEVELS - rising_next, weights)
+    return np.clip(weights, 0, RAMP_LEVELS).astype(np.uint16)
+
+
+class TileCanvas:
+    """One request's output canvas; tiles are added from threadpool workers in any order.
+
+    Memory: a uint16 accumulator of the output's size (2 bytes per channel), freed by
+    :meth:`finish`, which returns the uint8 image.
+    """
+
+    def __init__(self, plan: TilePlan, channels: int = 3) -> None:
+        self.plan = plan
+        output_width, output_height = plan.output_size
+        self._accumulator: npt.NDArray[np.uint16] | None = np.zeros((output_height, output_width, channels), np.uint16)
+        self._lock = _NativeLock()
+        self._added = 0
+
+    def add(self, tile: Tile, native_output: npt.NDArray[np.uint8]) -> None:
+        """Resample one tile's model output onto the output grid and accumulate it.
+
+        ``native_output`` is [height·S, width·S, channels] for the tile. Thread-safe.
+        Raises ValueError when its shape does not fit the tile.
+        """
+        input_width, input_height = self.plan.input_size
+        output_width, output_height = self.plan.output_size
+        native_height, native_width = native_output.shape[:2]
+        if native_height * tile.width != native_width * tile.height:
+            raise ValueError(f"tile output {native_width}×{native_height} does not match tile {tile.width}×{tile.height}")
+        native_scale = native_width / tile.width
+        ratio_x = output_width / input_width
+        ratio_y = output_height / input_height
+        x_first, x_stop, x_in, x_out = _responsibility(tile.x_span, self.plan.blend, ratio_x, output_width)
+        y_first, y_stop, y_in, y_out = _responsibility(tile.y_span, self.plan.blend, ratio_y, output_height)
+        # source box in the tile's native pixels covering output pixels [first, stop) (edges)
+        per_output_x = native_scale / ratio_x
+        per_output_y = native_scale / ratio_y
+        box = (
+            x_first * per_output_x - tile.x * native_scale,
+            y_first * per_output_y - tile.y * native_scale,
+            x_stop * per_output_x - tile.x * native_scale,
+            y_stop * per_output_y - tile.y * native_scale,
+        )
+        size = (x_stop - x_first, y_stop - y_first)
+        region = _resample(native_output, box, size)
+        weights = _ramp(y_first, y_stop, y_in, y_out)[:, None] * _ramp(x_first, x_stop, x_in, x_out)[None, :]
+        weighted = region.astype(np.uint16) * weights[:, :, None]
+        with self._lock:
+            if self._accumulator is None:
+                raise ValueError("the canvas is already finished")
+            self._accumulator[y_first:y_stop, x_first:x_stop] += weighted
+            self._added += 1
+
+    def finish(self) -> npt.NDArray[np.uint8]:
+        """The stitched uint8 image. Raises ValueError when tiles are missing."""
+        with self._lock:
+            if self._added != len(self.plan.tiles) or self._accumulator is None:
+                raise ValueError(f"{self._added} of {len(self.plan.tiles)} tiles were added")
+            accumulator, self._accumulator = self._accumulator, None
+        accumulator += WEIGHT_TOTAL // 2  # round to nearest: max 255·256 + 128 still fits
+        accumulator >>= 8
+        return accumulator.astype(np.uint8)
+
+
+def _resample(native: npt.NDArray[np.uint8], box: tuple[float, float, float, float], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """Pillow Lanczos of ``box`` (fractional, tile-native pixels) to ``size``; a slice when exact."""
+    native_height, native_width = native.shape[:2]
+    left, top = max(0.0, box[0]), max(0.0, box[1])
+    right, bottom = min(float(native_width), box[2]), min(float(native_height), box[3])
+    box = (left, top, right, bottom)
+    width, height = size
+    if (
+        right - left == width and bottom - top == height
+        and float(left).is_integer() and float(top).is_integer()
+    ):
+        return native[int(top) : int(bottom), int(left) : int(right)]
+    mode = "RGB" if native.shape[2] == 3 else "RGBA"
+    image = Image.fromarray(np.ascontiguousarray(native), mode)
+    return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))

@@ -1,0 +1,111 @@
+"""The background branch: the whole photo, or its tiles, fanned out to the upscaler.
+
+A photo no larger than a tile goes in one call and is resized to the asked size. A larger
+one is planned into tiles (:mod:`chaoqing.tiling`); one greenlet per tile, at most
+``max_concurrent_tiles`` at a time per request, calls the model (replicas and retries are
+the remote client's), and each tile is resampled and accumulated into one output canvas on
+the threadpool as it arrives. The first tile that fails fails the branch and the others
+are killed.
+
+Memory for a tiled photo: the output canvas (2 bytes per channel while stitching, then the
+1-byte result) plus the tiles in flight; the native-scale image is never held whole.
+Called from the pipeline's greenlets; the remote client is used only here on the hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import gevent
+import numpy as np
+import numpy.typing as npt
+from gevent.lock import BoundedSemaphore
+
+from .config import TileSettings
+from .errors import BadModelResponse
+from .remote import RemoteModel
+from .resize import resize_lanczos
+from .tiling import TileCanvas, TilePlan, plan_tiles
+
+__all__ = ["upscale_image"]
+
+T = TypeVar("T")
+Offload = Callable[..., Any]
+
+
+def upscale_image(
+    model: RemoteModel,
+    rgb8: npt.NDArray[np.uint8],
+    output_size: tuple[int, int],
+    tiles: TileSettings,
+    deadline: float,
+    offload: Offload,
+    request_id: str = "",
+) -> npt.NDArray[np.uint8]:
+    """``rgb8`` [H, W, C] (C = 3) upscaled by ``model`` and resampled to ``output_size`` (w, h).
+
+    Returns a new uint8 array (writeable). Raises ModelServerError subclasses.
+    """
+    height, width = rgb8.shape[:2]
+    output_width, output_height = output_size
+    if tiles.tile_size <= 0 or (width <= tiles.tile_size and height <= tiles.tile_size):
+        native = _infer_one(model, rgb8, deadline, request_id)
+        _check_native(model, native, width, height)
+        resized = offload(resize_lanczos, native, output_width, output_height)
+        return resized if resized is not native else np.array(native)
+    plan = plan_tiles(width, height, output_width, output_height, tiles.tile_size, tiles.overlap, tiles.margin)
+    return _upscale_tiles(model, rgb8, plan, tiles.max_concurrent_tiles, deadline, offload, request_id)
+
+
+def _infer_one(model: RemoteModel, rgb8: npt.NDArray[np.uint8], deadline: float, request_id: str) -> npt.NDArray[np.uint8]:
+    output = model.infer({"image": rgb8[None]}, ["image"], deadline, request_id=request_id)["image"]
+    if output.ndim != 4 or output.shape[0] != 1 or output.dtype != np.uint8:
+        raise BadModelResponse(
+            f"upscaler {model.name} returned {output.dtype} {list(output.shape)}, expected UINT8 [1,h,w,{rgb8.shape[2]}]",
+            model=model.name,
+        )
+    result: npt.NDArray[np.uint8] = output[0]
+    return result
+
+
+def _check_native(model: RemoteModel, native: npt.NDArray[np.uint8], width: int, height: int) -> None:
+    native_height, native_width, channels = native.shape
+    if channels != 3 or native_height * width != native_width * height or native_width < width:
+        raise BadModelResponse(
+            f"upscaler {model.name} turned {width}×{height} into {native_width}×{native_height}×{channels}",
+            model=model.name,
+        )
+
+
+def _upscale_tiles(
+    model: RemoteModel,
+    rgb8: npt.NDArray[np.uint8],
+    plan: TilePlan,
+    concurrency: int,
+    deadline: float,
+    offload: Offload,
+    request_id: str,
+) -> npt.NDArray[np.uint8]:
+    canvas = TileCanvas(plan)
+
+    def run_tile(index: int) -> None:
+        tile = plan.tiles[index]
+        crop = np.ascontiguousarray(rgb8[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width])
+        native = _infer_one(model, crop, deadline, request_id)
+        _check_native(model, native, tile.width, tile.height)
+        offload(canvas.add, tile, native)
+
+    gate = BoundedSemaphore(max(1, concurrency))
+
+    def run_gated(index: int) -> None:
+        with gate:
+            run_tile(index)
+
+    jobs = [gevent.spawn(run_gated, index) for index in range(len(plan.tiles))]
+    try:
+        gevent.joinall(jobs, raise_error=True)
+    finally:
+        gevent.killall([job for job in jobs if not job.dead], block=False)
+    result: npt.NDArray[np.uint8] = offload(canvas.finish)
+    return result

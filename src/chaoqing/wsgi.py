@@ -1,0 +1,37 @@
+"""The gateway as a WSGI app for gunicorn: ``gunicorn -k gevent -w 2 'chaoqing.wsgi:app'``.
+
+gunicorn's gevent worker monkey-patches each worker before loading this module. The
+configuration comes from ``CHAOQING_CONFIG`` (a TOML path) and ``CHAOQING_*`` variables, and
+must name model endpoints (``[endpoints]``): workers do not start model servers, so run
+``chaoqing model-server`` processes (or Triton/KServe) beside them. Each worker gets its own
+remote client (with health checks) and its own metrics.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import ConfigError, load_config
+from .gateway import create_app
+from .metrics import GatewayMetrics
+from .remote import RemoteModels
+
+__all__ = ["app", "build_app"]
+
+
+def build_app() -> object:
+    """Build the app from the environment. Raises ConfigError when no endpoints are configured."""
+    config = load_config(os.environ.get("CHAOQING_CONFIG"))
+    missing = [name for name in config.models_needed() if name not in config.endpoints]
+    if missing:
+        raise ConfigError(
+            f"under gunicorn every model needs an endpoint; missing: {', '.join(missing)} "
+            "(set [endpoints] in CHAOQING_CONFIG or CHAOQING_ENDPOINTS__<MODEL>=URL)"
+        )
+    metrics = GatewayMetrics()
+    remotes = RemoteModels.from_config(config, metrics)
+    remotes.start_health_checks()
+    return create_app(config, remotes, metrics)
+
+
+app = build_app()
