@@ -317,9 +317,12 @@ class RemoteModel:
         first, second = self._rng.sample(candidates, 2)
         return first if first.outstanding <= second.outstanding else second
 
-    def _note(self, endpoint: Endpoint, change: str | None) -> None:
+    def _note(self, endpoint: Endpoint, change: str | None, reason: str = "") -> None:
         if change is not None:
-            _log.warning("model %s endpoint %s: circuit %s", self.name, endpoint.url, change)
+            # a health check seeing a server still loading is routine; a failing call is not
+            level = logging.INFO if reason == "health check" else logging.WARNING
+            _log.log(level, "model %s endpoint %s: circuit %s%s", self.name, endpoint.url, change,
+                     f" ({reason})" if reason else "")
             self._observer.on_circuit(self.name, endpoint.url, change)
 
     # -- calls ----------------------------------------------------------------------------
@@ -478,9 +481,9 @@ class RemoteModel:
                 ready = False
             now = time.monotonic()
             if ready and endpoint.circuit != CIRCUIT_CLOSED:
-                self._note(endpoint, endpoint.record_success())
+                self._note(endpoint, endpoint.record_success(), "health check")
             elif not ready and endpoint.circuit == CIRCUIT_CLOSED:
-                self._note(endpoint, endpoint.record_failure(now, eject_now=True))
+                self._note(endpoint, endpoint.record_failure(now, eject_now=True), "health check")
             results[endpoint.url] = ready
 
         gevent.joinall([gevent.spawn(probe, endpoint) for endpoint in self.endpoints], timeout=HEALTH_TIMEOUT_S * 2)

@@ -101,6 +101,9 @@ class ModelServerSupervisor:
         process = subprocess.Popen(
             self._command(child), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=environment,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            # a session of its own: Ctrl-C in a terminal reaches the gateway only, which drains
+            # its requests before it stops the children
+            start_new_session=True,
         )
         child.process = process
         child.started_at = time.monotonic()

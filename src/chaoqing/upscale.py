@@ -49,13 +49,26 @@ def upscale_image(
     """
     height, width = rgb8.shape[:2]
     output_width, output_height = output_size
-    if tiles.tile_size <= 0 or (width <= tiles.tile_size and height <= tiles.tile_size):
+    tile_size = _tile_size_for(model, tiles, deadline)
+    if tile_size <= 0 or (width <= tile_size and height <= tile_size):
         native = _infer_one(model, rgb8, deadline, request_id)
         _check_native(model, native, width, height)
         resized = offload(resize_lanczos, native, output_width, output_height)
         return resized if resized is not native else np.array(native)
-    plan = plan_tiles(width, height, output_width, output_height, tiles.tile_size, tiles.overlap, tiles.margin)
+    plan = plan_tiles(width, height, output_width, output_height, tile_size, tiles.overlap, tiles.margin)
     return _upscale_tiles(model, rgb8, plan, tiles.max_concurrent_tiles, deadline, offload, request_id)
+
+
+def _tile_size_for(model: RemoteModel, tiles: TileSettings, deadline: float) -> int:
+    """The configured tile size, lowered to the model's own ``tile_size`` when it publishes a
+    smaller one (a model server that would split our tiles again pays for two sets of
+    overlaps), but never below what the overlap needs."""
+    if tiles.tile_size <= 0:
+        return 0
+    published = model.metadata(deadline).parameters.get("tile_size")
+    if isinstance(published, int) and 0 < published < tiles.tile_size:
+        return max(published, 2 * (tiles.overlap + 2 * tiles.margin) + 1)
+    return tiles.tile_size
 
 
 def _infer_one(model: RemoteModel, rgb8: npt.NDArray[np.uint8], deadline: float, request_id: str) -> npt.NDArray[np.uint8]:
