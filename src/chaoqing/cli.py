@@ -243,5 +243,14 @@ def _run_until_signalled(serve: Any, stop: Any, grace_s: float = 10.0) -> None:
         stop(1.0)
 
 
+def _register_subcommand_groups() -> None:
+    from .bench import bench
+
+    cli.add_command(bench)
+
+
+_register_subcommand_groups()
+
+
 if __name__ == "__main__":  # python -m chaoqing.cli
     main()
