@@ -136,10 +136,23 @@ def plan_outputs(
     return planned
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask (mkstemp makes 0o600 files; outputs are ordinary files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
 def _write_atomically(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=".chaoqing-", suffix=target.suffix, dir=target.parent)
     try:
+        os.fchmod(descriptor, _file_mode())
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
         os.replace(temporary, target)
