@@ -12,8 +12,11 @@ is raised at once (the server answers 503 with Retry-After). A request whose own
 passes while it is queued is answered with :class:`DeadlineExceeded` and never computed; a
 waiting greenlet that is killed (client gone) is dropped from the queue.
 
-Simulators (``runner.simulated_latency_s`` > 0) have no instance limit: each batch waits
-its latency cooperatively, as if it had hardware of its own.
+Simulators (``runner.simulated_latency_s`` > 0) wait their latency per batch cooperatively.
+By default they have no instance limit, as if each batch had hardware of its own;
+``sim_concurrency`` N > 0 lets only N batches of a simulated model run at once, so one sim
+server behaves like one accelerator (``sim_concurrency=1, max_batch_size=1``: one call at a
+time, each taking the latency) and a fleet of them can be measured.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = ["BatchSettings", "BatchRecord", "Batcher"]
 _log = logging.getLogger("chaoqing.batcher")
 
 SIMULATOR_THREADS = 4  # cheap nearest-neighbour outputs of simulators; they rarely all run at once
+UNLIMITED_SIMULATED_BATCHES = 10**6  # sim_concurrency 0: every batch as if on hardware of its own
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class BatchSettings:
     max_batch_size: int = 8
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 256
+    sim_concurrency: int = 0  # simulators only: batches run at once; 0 = unlimited
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,9 @@ class Batcher:
         instances = max(1, settings.instances)
         # one native thread per model instance; simulators share a small pool for their cheap outputs
         self._threads = ThreadPool(SIMULATOR_THREADS if self._simulated else instances)
-        self._free_instances = Semaphore(10**6 if self._simulated else instances)
+        if self._simulated:
+            instances = settings.sim_concurrency if settings.sim_concurrency > 0 else UNLIMITED_SIMULATED_BATCHES
+        self._free_instances = Semaphore(instances)
         self._scheduler = gevent.spawn(self._schedule_forever)
         self._closed = False
 

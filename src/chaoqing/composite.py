@@ -5,10 +5,13 @@ Split in two so that the costly part runs per face, concurrently, as each face r
 - :func:`prepare_face_paste` — one face's inverse warp and soft mask, computed only inside
   the face's box in the background (a threadpool job; cv2 releases the GIL);
 - :func:`composite_face_pastes` — one copy of the background, then a cheap box-local blend
-  per face, in order (later faces on top where faces overlap).
+  per face, in order (later faces on top where faces overlap);
+- :func:`composite_face_pastes_in_place` — the same blends into a background the caller
+  owns, without the copy (3 bytes per output pixel: 144 MB for a 48 MP photo).
 
-:func:`composite_faces` does both in sequence. Everything here is pure: inputs are never
-written (they may be read-only ``np.frombuffer`` views), results are new arrays.
+:func:`composite_faces` does both in sequence. Everything here but the in-place function is
+pure: inputs are never written (they may be read-only ``np.frombuffer`` views), results are
+new arrays.
 
 Errors: :class:`ValueError` for arrays that do not fit together (programming errors).
 """
@@ -35,6 +38,7 @@ __all__ = [
     "FacePaste",
     "prepare_face_paste",
     "composite_face_pastes",
+    "composite_face_pastes_in_place",
     "composite_faces",
 ]
 
@@ -124,9 +128,19 @@ def composite_face_pastes(
         ValueError: a paste does not fit the background (box outside it, channels, dtype).
     """
     canvas = background.copy()
+    composite_face_pastes_in_place(canvas, pastes)
+    return canvas
+
+
+def composite_face_pastes_in_place(canvas: npt.NDArray[Any], pastes: Sequence[FacePaste]) -> None:
+    """Blend each prepared face into ``canvas`` itself, in order; channels past the faces'
+    (alpha) are kept. For a canvas the caller owns and nobody else reads while it runs.
+
+    Raises:
+        ValueError: ``canvas`` is read-only, or a paste does not fit it.
+    """
     for paste in pastes:
         blend_patch_into(canvas, paste.patch, paste.soft_mask, paste.box)
-    return canvas
 
 
 def composite_faces(

@@ -7,14 +7,23 @@ the remote client's), and each tile is resampled and accumulated into one output
 the threadpool as it arrives. The first tile that fails fails the branch and the others
 are killed.
 
-Memory for a tiled photo: the output canvas (2 bytes per channel while stitching, then the
-1-byte result) plus the tiles in flight; the native-scale image is never held whole.
-Called from the pipeline's greenlets; the remote client is used only here on the hub.
+Tile geometry per model: the configured ``[tiles]`` settings, adjusted by the model's
+metadata. A model that publishes ``parameters.tile_size`` (the bundled Real-ESRGAN runners
+do: 256 for the compact models, 128 for x4plus) gets tiles no larger than that, because a
+server that split our tiles again would pay for a second set of overlaps; one that
+publishes ``tile_overlap`` or ``tile_margin`` (input pixels: what its receptive field
+needs) gets at least those. The tile never shrinks below what the overlap needs.
+
+Memory for a tiled photo: the output canvas (2 bytes per channel while stitching, released
+as the 1-byte result is written) plus the tiles in flight; the native-scale image is never
+held whole. Called from the pipeline's greenlets; the remote client is used only here on
+the hub.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import gevent
@@ -28,7 +37,7 @@ from .remote import RemoteModel
 from .resize import resize_lanczos
 from .tiling import TileCanvas, TilePlan, plan_tiles
 
-__all__ = ["upscale_image"]
+__all__ = ["TileGeometry", "tile_geometry_for", "upscale_image"]
 
 T = TypeVar("T")
 Offload = Callable[..., Any]
@@ -49,26 +58,47 @@ def upscale_image(
     """
     height, width = rgb8.shape[:2]
     output_width, output_height = output_size
-    tile_size = _tile_size_for(model, tiles, deadline)
+    geometry = tile_geometry_for(model, tiles, deadline)
+    tile_size = geometry.tile_size
     if tile_size <= 0 or (width <= tile_size and height <= tile_size):
         native = _infer_one(model, rgb8, deadline, request_id)
         _check_native(model, native, width, height)
         resized = offload(resize_lanczos, native, output_width, output_height)
-        return resized if resized is not native else np.array(native)
-    plan = plan_tiles(width, height, output_width, output_height, tile_size, tiles.overlap, tiles.margin)
+        # Pillow's and np.frombuffer's arrays are read-only; the result is the caller's to write
+        return resized if resized.flags.writeable and resized is not native else np.array(resized)
+    plan = plan_tiles(width, height, output_width, output_height, tile_size, geometry.overlap, geometry.margin)
     return _upscale_tiles(model, rgb8, plan, tiles.max_concurrent_tiles, deadline, offload, request_id)
 
 
-def _tile_size_for(model: RemoteModel, tiles: TileSettings, deadline: float) -> int:
-    """The configured tile size, lowered to the model's own ``tile_size`` when it publishes a
-    smaller one (a model server that would split our tiles again pays for two sets of
-    overlaps), but never below what the overlap needs."""
+@dataclass(frozen=True)
+class TileGeometry:
+    """Tile size (0: never tile), overlap and margin in input pixels, for one model."""
+
+    tile_size: int
+    overlap: int
+    margin: int
+
+
+def tile_geometry_for(model: RemoteModel, tiles: TileSettings, deadline: float) -> TileGeometry:
+    """The configured tiles adjusted by ``model``'s metadata (see the module notes).
+
+    Raises ModelServerError subclasses when the metadata cannot be read.
+    """
     if tiles.tile_size <= 0:
-        return 0
-    published = model.metadata(deadline).parameters.get("tile_size")
-    if isinstance(published, int) and 0 < published < tiles.tile_size:
-        return max(published, 2 * (tiles.overlap + 2 * tiles.margin) + 1)
-    return tiles.tile_size
+        return TileGeometry(0, tiles.overlap, tiles.margin)
+    parameters = model.metadata(deadline).parameters
+    overlap = max(tiles.overlap, _published_pixels(parameters.get("tile_overlap")))
+    margin = max(tiles.margin, _published_pixels(parameters.get("tile_margin")))
+    tile_size = tiles.tile_size
+    published = _published_pixels(parameters.get("tile_size"))
+    if 0 < published < tile_size:
+        tile_size = published
+    return TileGeometry(max(tile_size, 2 * (overlap + 2 * margin) + 1), overlap, margin)
+
+
+def _published_pixels(value: Any) -> int:
+    """A non-negative whole number of pixels from model metadata; 0 for anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _infer_one(model: RemoteModel, rgb8: npt.NDArray[np.uint8], deadline: float, request_id: str) -> npt.NDArray[np.uint8]:
