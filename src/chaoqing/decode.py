@@ -134,6 +134,12 @@ ROW_BLOCK_ELEMENTS: Final = 1 << 20  # scratch per block in to_8_bit & co: 4 MB 
 ICC_HEADER_SIZE: Final = 128  # ICC.1:2022 §7.2
 ICC_COLOUR_SPACE_SLICE: Final = slice(16, 20)
 
+# Pillow imports its format plugins on first use (Image.open, Image.save). In a monkey-patched
+# process importlib's module locks are gevent locks, and threadpool workers importing at the
+# same time deadlock: four concurrent first requests to a fresh gateway hung until killed.
+# Import every plugin now, on the thread importing this module, so no worker ever imports.
+Image.init()
+
 
 @dataclass(frozen=True)
 class ImageInfo:

@@ -11,10 +11,10 @@ import logging
 import socket as stdlib_socket
 from typing import Any
 
-from gevent import socket
-from gevent.pywsgi import WSGIHandler
+from gevent import Timeout, socket
+from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler
 
-__all__ = ["create_listener", "QuietHandler", "bound_port", "BODY_READ_KEY"]
+__all__ = ["create_listener", "QuietHandler", "bound_port", "BODY_READ_KEY", "REQUEST_HEAD_TIMEOUT_S"]
 
 # Apps set environ[BODY_READ_KEY] = True once they have read the whole request body. An error
 # answered before that carries "Connection: close", and the handler then closes the connection
@@ -23,6 +23,14 @@ __all__ = ["create_listener", "QuietHandler", "bound_port", "BODY_READ_KEY"]
 BODY_READ_KEY = "chaoqing.body_read"
 
 DEFAULT_BACKLOG = 2048
+
+# A connection must deliver each request's line and headers within this long, the idle time
+# of a kept-alive connection included; then it is closed (408 when a request had begun).
+# pywsgi itself waits for ever, so a client trickling its headers a byte at a time (slow
+# loris), or merely holding connections open, would keep server connection slots for good.
+# Longer than the 60 s idle timeout of common load balancers, so that they close first.
+REQUEST_HEAD_TIMEOUT_S = 75.0
+_REQUEST_TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 _log = logging.getLogger("chaoqing.http")
 
@@ -57,6 +65,40 @@ class QuietHandler(WSGIHandler):  # type: ignore[misc]
     own structured line instead. Server faults still reach the server's ``error_log``.
     """
 
+    request_head_timeout_s = REQUEST_HEAD_TIMEOUT_S
+    _head_timer: Timeout | None = None
+
+    def read_requestline(self) -> str:
+        timer = Timeout(self.request_head_timeout_s)
+        timer.start()
+        try:
+            line: str = super().read_requestline()
+        except Timeout as exc:
+            timer.close()
+            if exc is not timer:
+                raise
+            return ""  # nothing arrived in time: pywsgi closes the connection
+        except BaseException:
+            timer.close()
+            raise
+        if line and len(line) < MAX_REQUEST_LINE:
+            self._head_timer = timer  # read_request goes on under the same limit
+        else:
+            timer.close()
+        return line
+
+    def read_request(self, raw_requestline: str) -> Any:
+        timer, self._head_timer = self._head_timer, None
+        try:
+            return super().read_request(raw_requestline)
+        except Timeout as exc:
+            if exc is not timer:
+                raise
+            raise _SlowRequestHead(f"no complete request head within {self.request_head_timeout_s:g} s") from None
+        finally:
+            if timer is not None:
+                timer.close()
+
     def run_application(self) -> None:
         try:
             super().run_application()
@@ -70,7 +112,15 @@ class QuietHandler(WSGIHandler):  # type: ignore[misc]
 
     def _handle_client_error(self, ex: BaseException) -> Any:
         _log.info("client error from %s: %s", self.client_address, ex)
+        if isinstance(ex, _SlowRequestHead):
+            self.close_connection = True
+            return ("408", _REQUEST_TIMEOUT_RESPONSE)
         return super()._handle_client_error(ex)
+
+
+class _SlowRequestHead(ValueError):
+    """The request line arrived but the headers did not, in time (a ValueError: pywsgi hands
+    it to _handle_client_error)."""
 
 
 class _UnreadInput:

@@ -210,9 +210,10 @@ class ModelServerApp:
                 return _json(start_response, 503, {"ready": False, "models": waiting})
             return _json(start_response, 200, {"ready": True})
         if len(rest) >= 2 and rest[0] == "models":
-            model = self.models.get(rest[1])
-            if model is None:
+            found = self.models.get(rest[1])
+            if found is None:
                 raise UnknownModel(f"unknown model {rest[1]!r}; this server has {', '.join(self.models)}")
+            model = found
             action = rest[2:]
             if len(action) >= 2 and action[0] == "versions":
                 if action[1] != "1":
@@ -271,9 +272,13 @@ class ModelServerApp:
         raw_header = environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
         header_length: int | None = None
         if raw_header is not None:
-            if not raw_header.strip().isdigit():
-                raise InvalidTensorRequest(f"{v2.HEADER_LENGTH_HEADER} must be a non-negative integer")
-            header_length = int(raw_header)
+            digits = raw_header.strip()
+            # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+            if not (digits.isascii() and digits.isdigit()) or len(digits) > len(raw_length):
+                raise InvalidTensorRequest(
+                    f"{v2.HEADER_LENGTH_HEADER} must be a non-negative integer no larger than the body"
+                )
+            header_length = int(digits)
             if header_length > content_length:
                 raise InvalidTensorRequest(
                     f"{v2.HEADER_LENGTH_HEADER} claims {header_length} bytes but the body has {content_length}"

@@ -139,7 +139,7 @@ def _tensor_buffer(array: np.ndarray) -> memoryview:
     """A little-endian, C-contiguous byte view of ``array`` (copies only when it must)."""
     name = datatype_of(array)
     wire = np.ascontiguousarray(array, dtype=DATATYPES[name])
-    return memoryview(wire.reshape(-1).view(np.uint8))
+    return memoryview(wire.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _encode(
@@ -219,6 +219,8 @@ def _split_body(body: bytes | bytearray | memoryview, header_length: int | None)
         header = json.loads(bytes(view[:header_length]))
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedMessage(f"the inference header is not valid JSON: {exc}") from None
+    except RecursionError:  # '[' nested tens of thousands deep
+        raise MalformedMessage("the inference header is nested too deeply") from None
     if not isinstance(header, dict):
         raise MalformedMessage("the inference header must be a JSON object")
     return header, view[header_length:]
@@ -249,7 +251,7 @@ def _decode_tensors(entries: Any, binary: memoryview, what: str) -> dict[str, np
         if name in tensors:
             raise MalformedMessage(f"tensor {name!r} appears twice")
         datatype = entry.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list here is unhashable
             raise MalformedMessage(f"tensor {name!r}: unsupported datatype {datatype!r}")
         dtype = DATATYPES[datatype]
         shape = _parse_shape(entry.get("shape"), name)
