@@ -171,6 +171,14 @@ def _read_photo(path: Path, limit: int) -> bytes:
     return path.read_bytes()
 
 
+def _models_for(job: BatchJob) -> tuple[str, ...]:
+    """The models this job calls: no detector when faces are off or the preset has no face model."""
+    preset = job.config.presets[job.preset]
+    if job.faces and preset.face_model:
+        return job.config.models_needed(job.preset)
+    return (preset.upscaler,)
+
+
 class _LocalRunner:
     """Photos through the pipeline in this process, against embedded or configured model servers."""
 
@@ -179,7 +187,7 @@ class _LocalRunner:
         from .server import open_models, wait_until_ready
 
         quiet_expected_errors()
-        models = job.config.models_needed(job.preset)
+        models = _models_for(job)
         self.remotes, self.supervisor = open_models(job.config, models)
         try:
             wait_until_ready(self.remotes, models, timeout_s=120)
@@ -279,7 +287,7 @@ def run_batch(photos: Sequence[PlannedPhoto], job: BatchJob, stream: IO[str] | N
             summary.outcomes.extend(PhotoOutcome(photo, "failed", error=str(exc)) for photo in pending)
             pending = []
     progress = tqdm(total=len(pending), unit="photo", file=stream, dynamic_ncols=True, disable=not pending,
-                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} photos{postfix} [{elapsed}<{remaining}]")
     megapixels = [0.0, 0.0]
     gate = BoundedSemaphore(job.concurrency)
 
@@ -302,7 +310,8 @@ def run_batch(photos: Sequence[PlannedPhoto], job: BatchJob, stream: IO[str] | N
                 outcome = PhotoOutcome(photo, "failed", time.monotonic() - photo_started, error=message)
             megapixels[0] += outcome.megapixels_in
             megapixels[1] += outcome.megapixels_out
-            progress.set_postfix_str(f"{megapixels[0]:.1f} MP in → {megapixels[1]:.1f} MP out", refresh=False)
+            megapixels_text = f"{format_megapixels(megapixels[0])} MP in → {format_megapixels(megapixels[1])} MP out"
+            progress.set_postfix_str(megapixels_text, refresh=False)
             progress.update(1)
             if outcome.status == "failed":
                 progress.write(f"failed: {photo.label}: {outcome.error}", file=stream)
@@ -321,6 +330,18 @@ def run_batch(photos: Sequence[PlannedPhoto], job: BatchJob, stream: IO[str] | N
     return summary
 
 
+def format_megapixels(megapixels: float) -> str:
+    """Two decimals below 10 MP (small photos do not all read 0.0), one above."""
+    return f"{megapixels:.2f}" if megapixels < 10 else f"{megapixels:.1f}"
+
+
+def _display_path(path: Path | None) -> str:
+    if path is None:
+        return ""
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else relative
+
+
 def print_summary(summary: BatchSummary, stream: IO[str]) -> None:
     """A table of photos (or only the failures, when there are many), then the totals."""
     rows = summary.outcomes if len(summary.outcomes) <= SUMMARY_ROWS else [
@@ -332,8 +353,9 @@ def print_summary(summary: BatchSummary, stream: IO[str]) -> None:
         for outcome in rows:
             label = outcome.photo.label if len(outcome.photo.label) <= width else "…" + outcome.photo.label[-width + 1:]
             faces = f"{outcome.faces_enhanced}/{outcome.faces_detected}" if outcome.status == "done" else "-"
-            note = outcome.error if outcome.status != "done" else str(outcome.written or "")
-            stream.write(f"{label:<{width}}  {outcome.status:<7}  {faces:>7}  {outcome.megapixels_out:>7.1f}  "
+            note = outcome.error if outcome.status != "done" else _display_path(outcome.written)
+            megapixels_out = format_megapixels(outcome.megapixels_out)
+            stream.write(f"{label:<{width}}  {outcome.status:<7}  {faces:>7}  {megapixels_out:>7}  "
                          f"{outcome.seconds:>6.1f}s  {note}\n")
     faces_enhanced = sum(outcome.faces_enhanced for outcome in summary.outcomes)
     faces_detected = sum(outcome.faces_detected for outcome in summary.outcomes)

@@ -34,6 +34,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 
+def _text_value(value: Any) -> str:
+    """``{"decode": 2.4, "upscale": 188.8}`` → ``decode:2.4,upscale:188.8``."""
+    if isinstance(value, dict):
+        return ",".join(f"{key}:{item}" for key, item in value.items())
+    return str(value)
+
+
 class TextFormatter(logging.Formatter):
     """``12:00:01 info  chaoqing.gateway  message  key=value ...``"""
 
@@ -42,7 +49,7 @@ class TextFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname.lower():<7} {record.name:<20} {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
-            line += "  " + " ".join(f"{key}={value}" for key, value in fields.items())
+            line += "  " + " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from .pipeline import EnhanceResult
+    from .remote import RemoteModels
 
 __all__ = ["GatewayMetrics"]
 
@@ -61,8 +62,10 @@ class GatewayMetrics:
         self.hub_blocks = Counter(
             "chaoqing_hub_blocked", "Times gevent's monitor saw the hub blocked longer than the limit", registry=registry
         )
-        self.hub_block_seconds = Histogram(
-            "chaoqing_hub_blocked_seconds", "How long the hub was seen blocked", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 5),
+        # gevent's monitor reports once per period in which no greenlet switched, and does not
+        # measure the block: reports × the period approximates the time blocked
+        self.hub_block_seconds = Counter(
+            "chaoqing_hub_blocked_seconds", "Approximate time the hub was blocked (reports × monitor period)",
             registry=registry,
         )
 
@@ -88,9 +91,17 @@ class GatewayMetrics:
         self.faces_enhanced.inc(result.faces_enhanced)
         self.faces_failed.inc(len(result.face_errors))
 
-    def on_hub_blocked(self, seconds: float) -> None:
+    def on_hub_blocked(self, period_s: float) -> None:
+        """One report of gevent's monitor: the hub did not switch for ``period_s``."""
         self.hub_blocks.inc()
-        self.hub_block_seconds.observe(seconds)
+        self.hub_block_seconds.inc(period_s)
+
+    def refresh_circuits(self, remotes: RemoteModels) -> None:
+        """Set every endpoint's circuit gauge from the client's current state (at scrape time:
+        the client reports changes, but not the initial closed state or a silent half-open)."""
+        for name in remotes.names():
+            for endpoint in remotes[name].endpoints:
+                self.circuit_state.labels(name, endpoint.url).set(CIRCUIT_VALUES.get(endpoint.circuit, -1))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
