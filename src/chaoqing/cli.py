@@ -48,12 +48,16 @@ def cli() -> None:
     \b
     Quick use:
       chaoqing enhance photo.jpg            enhance a file (starts local model servers)
+      chaoqing enhance photos/ -j 4         a folder, 4 at a time, with a progress bar
       chaoqing serve                        HTTP API and web page on http://127.0.0.1:8080
       chaoqing model-server --model NAME    one KServe v2 model server
+      chaoqing doctor                       check models, runtimes, GPUs and ports
+
+    Run `chaoqing COMMAND --help` for a command's options.
     """
 
 
-@cli.command("model-server")
+@cli.command("model-server", short_help="Serve models over the KServe v2 protocol.")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME",
               help="Model to serve; repeat for several. See `chaoqing doctor` for names.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -74,11 +78,14 @@ def cli() -> None:
               help="Latency of sim-* models (tests and benchmarks only).")
 @click.option("--sim-faces", default=2, show_default=True, type=click.IntRange(0, 1024),
               help="Faces sim-detector reports per image.")
+@click.option("--sim-concurrency", default=0, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="Batches a sim-* model runs at once; 0 = unlimited. 1 (with --max-batch-size 1) "
+                   "makes the server behave like one accelerator, for fleet benchmarks.")
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+              type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log (stderr).")
 def model_server(models: tuple[str, ...], host: str, port: int, threads: int, device: str, instances: int,
                  max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, sim_latency_ms: float,
-                 sim_faces: int, log_level: str) -> None:
+                 sim_faces: int, sim_concurrency: int, log_level: str) -> None:
     """Serve models over the KServe v2 protocol (REST, binary tensors).
 
     Any v2 client works: the gateway, tritonclient, KServe, curl.
@@ -105,6 +112,7 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
             max_batch_size=max_batch_size,
             max_queue_delay_s=max_queue_delay_ms / 1000.0,
             max_queue_size=max_queue_size,
+            sim_concurrency=sim_concurrency,
         ),
     )
     try:
@@ -125,27 +133,33 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
               help="Default preset for requests that name none.  [default: balanced]")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="TOML file; CHAOQING_* environment variables override it.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", default="auto", show_default=True, type=click.Choice(["auto", "json", "text"]),
-              help="auto: text on a terminal, JSON lines otherwise.")
-def serve(host: str | None, port: int | None, preset: str | None, config_path: str | None, log_level: str,
-          log_format: str) -> None:
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="How much to log (stderr); info logs one line per request.  [default: info, or log_level in the config]")
+@click.option("--log-format", default=None, type=click.Choice(["auto", "json", "text"]),
+              help="auto: text on a terminal, JSON lines otherwise.  [default: auto, or log_format in the config]")
+def serve(host: str | None, port: int | None, preset: str | None, config_path: str | None, log_level: str | None,
+          log_format: str | None) -> None:
     """Run the HTTP API and web page.
 
     Without model endpoints in the config, starts a model-server child process per model
     (restarted if it crashes). Ctrl-C drains in-flight requests; a second Ctrl-C exits at once.
     """
-    _setup_logging(log_level, log_format)
     from .config import ConfigError, load_config
     from .metrics import GatewayMetrics
+    from .pipeline import return_freed_memory_promptly
     from .server import GatewayServer, ModelsNotReady, open_models, wait_until_ready
     from .supervisor import SupervisorError
 
     try:
-        config = load_config(config_path, overrides={"host": host, "port": port, "preset": preset})
+        config = load_config(config_path, overrides={
+            "host": host, "port": port, "preset": preset, "log_level": log_level, "log_format": log_format,
+        })
     except ConfigError as exc:
         _fail(str(exc))
+    log_level = config.log_level  # flags, then CHAOQING_LOG_LEVEL, then the file, then info
+    _setup_logging(log_level, config.log_format)
     needed = config.models_needed()
+    return_freed_memory_promptly()  # large photos: see docs/tiling.md
     metrics = GatewayMetrics()
     started = time.monotonic()
     try:
@@ -175,18 +189,21 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
 @click.option("-o", "--output", "output", default=None, type=click.Path(path_type=Path),
               help="Output folder (default ./enhanced), or a file name for a single input.")
 @click.option("--scale", default=None, type=click.FloatRange(1.0, 4.0), help="Output size over input size.  [default: 2]")
-@click.option("--preset", default=None, type=click.Choice(["fast", "balanced", "quality"]), help="[default: balanced]")
+@click.option("--preset", default=None, type=click.Choice(["fast", "balanced", "quality"]),
+              help="fast: compact model, no faces; balanced: + x4plus faces; quality: x4plus everywhere.  "
+                   "[default: balanced]")
 @click.option("--no-faces", is_flag=True, help="Do not enhance faces.")
 @click.option("--format", "output_format", default=None, type=click.Choice(["png", "jpeg", "webp"]),
               help="Output format (default: jpeg for JPEG input, else png).")
 @click.option("--quality", default=None, type=click.IntRange(1, 100), help="JPEG/WebP quality.")
 @click.option("--server", default=None, metavar="URL", help="Use a running gateway instead of local model servers.")
-@click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server.")
+@click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server (or CHAOQING_API_KEY).")
 @click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Photos processed at once.")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of input folders.")
 @click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False), help="TOML file.")
-@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="How much to log (stderr).")
 def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
             output_format: str | None, quality: int | None, server: str | None, api_key: str | None, jobs: int,
             recursive: bool, overwrite: bool, config_path: str | None, log_level: str) -> None:
@@ -197,7 +214,9 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     chaoqing enhance holiday/ -o big/ --scale 4 → big/…
     chaoqing enhance a.png --server http://gpu-box:8080
 
-    Exits with status 1 if any photo failed; each failure is named.
+    Photos whose output exists are skipped (--overwrite redoes them). Shows a progress bar,
+    then a table of photos, faces and times. Exits with status 1 if any photo failed; each
+    failure is named.
     """
     _setup_logging(log_level, "text")
     from .batch import BatchJob, plan_outputs, run_batch
@@ -219,6 +238,22 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     )
     summary = run_batch(planned, job)
     sys.exit(0 if summary.failed == 0 else 1)
+
+
+@cli.command(short_help="Check models, runtimes, GPUs and ports.")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TOML file whose port and model endpoints to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check this machine: packages, model files, CPUs, GPUs, temp folder, ports.
+
+    Prints an OK / MISSING table; exits with status 1 when something essential is missing.
+    """
+    from .doctor import exit_status, format_report, report_json, run_checks
+
+    checks = run_checks(config_path)
+    click.echo(report_json(checks) if as_json else format_report(checks, click.style))
+    sys.exit(exit_status(checks))
 
 
 def _run_until_signalled(serve: Any, stop: Any, grace_s: float = 10.0) -> None:

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CHAOQING_"
+CONFIG_PATH_VARIABLE = "CHAOQING_CONFIG"  # names the TOML file (chaoqing.wsgi), not a key
 
 
 class ConfigError(ChaoqingError):
@@ -132,6 +133,7 @@ class Config:
     preset: str = "balanced"
     scale: float = 2.0
     request_deadline_s: float = 300.0
+    body_read_timeout_s: float = 60.0  # the whole upload must arrive within this (else 408)
     max_in_flight: int = 16
     detector: str = FACE_DETECTOR
     face_input_size: int = 128
@@ -152,7 +154,7 @@ class Config:
             raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(self.presets)}")
         if not 1.0 <= self.scale <= 4.0:
             raise ConfigError(f"scale: {self.scale} is outside [1, 4]")
-        for name in ("request_deadline_s", "max_in_flight", "face_input_size", "detection_max_side"):
+        for name in ("request_deadline_s", "body_read_timeout_s", "max_in_flight", "face_input_size", "detection_max_side"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         minimum_tile = 2 * (self.tiles.overlap + 2 * self.tiles.margin)
@@ -237,7 +239,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """CHAOQING_* variables as a nested dict shaped like the TOML file."""
     tree: dict[str, Any] = {}
     for raw_key, value in environ.items():
-        if not raw_key.startswith(ENV_PREFIX):
+        if not raw_key.startswith(ENV_PREFIX) or raw_key == CONFIG_PATH_VARIABLE:
             continue
         parts = raw_key[len(ENV_PREFIX) :].split("__")
         if len(parts) == 1:

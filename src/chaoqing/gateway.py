@@ -45,6 +45,7 @@ from .errors import (
     http_error_for,
     retry_after_for,
 )
+from .listen import BODY_READ_KEY
 from .metrics import GatewayMetrics
 from .openapi import openapi_document
 from .pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
@@ -56,11 +57,13 @@ _log = logging.getLogger("chaoqing.gateway")
 _access_log = logging.getLogger("chaoqing.access")
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-BODY_READ_TIMEOUT_S = 60.0
+BODY_READ_TIMEOUT_S = 60.0  # the default of Config.body_read_timeout_s
 READ_CHUNK_BYTES = 1024 * 1024
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_QUALITY_DIGITS = 8  # longer numbers are out of range anyway (and int() refuses > 4300 digits)
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+UNMATCHED_ROUTE = "(unmatched)"  # the route label of requests no route took (bounded label values)
 
 
 def _parse_scale(raw: str | None, default: float) -> float:
@@ -89,9 +92,11 @@ def _parse_bool(raw: str | None, name: str, default: bool) -> bool:
 def _parse_quality(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.strip().lstrip("+").isdigit():
-        raise InvalidParameter(f"quality must be an integer between 1 and 100, not {raw!r}")
-    quality = int(raw)
+    digits = raw.strip().lstrip("+")
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses (a 500, found by fuzzing)
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_QUALITY_DIGITS:
+        raise InvalidParameter(f"quality must be an integer between 1 and 100, not {raw[:40]!r}")
+    quality = int(digits)
     if not 1 <= quality <= 100:
         raise InvalidParameter(f"quality must be between 1 and 100, not {raw!r}")
     return quality
@@ -136,25 +141,37 @@ class Gateway:
             raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
 
     def read_image_body(self, request: falcon.Request) -> tuple[bytes, str | None]:
-        """The uploaded image bytes and their declared media type, bounded while reading."""
+        """The uploaded image bytes and their declared media type, bounded while reading.
+
+        A Content-Length over the limit is refused before a byte is read, a chunked body as
+        soon as it passes the limit, a body that trickles in after ``body_read_timeout_s``.
+        Only a body read to its end is marked read (BODY_READ_KEY): any error before that
+        closes the connection instead of reading and discarding the rest."""
         limit = self.config.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise ImageTooLarge(f"the upload is {request.content_length} bytes; the limit is {limit}")
         content_type = (request.content_type or "").split(";")[0].strip().lower()
+        # Transfer-Encoding: chunked has no Content-Length, and Falcon's bounded_stream reads
+        # nothing then; the server's decoded wsgi.input is read instead, bounded all the same
+        stream = request.bounded_stream if request.content_length is not None else request.stream
+        upload: tuple[bytes, str | None] | None = None
         try:
-            with gevent.Timeout(BODY_READ_TIMEOUT_S, SlowRequestBody("the request body did not arrive in time")):
+            with gevent.Timeout(self.config.body_read_timeout_s, SlowRequestBody("the request body did not arrive in time")):
                 if content_type == "multipart/form-data":
-                    return self._read_multipart(request, limit)
-                if content_type.startswith("image/") or content_type == "application/octet-stream":
-                    return self._read_bounded(request.bounded_stream, limit), content_type
+                    upload = self._read_multipart(request, limit)
+                elif content_type.startswith("image/") or content_type == "application/octet-stream":
+                    upload = self._read_bounded(stream, limit), content_type
         except (OSError, falcon.MediaMalformedError, falcon.HTTPError) as exc:
             if isinstance(exc, falcon.HTTPError) and exc.status_code == 413:
                 raise ImageTooLarge(f"the upload exceeds the limit of {limit} bytes") from None
             raise InvalidParameter(f"could not read the upload: {getattr(exc, 'description', None) or exc}") from None
-        raise UnsupportedMediaType(
-            f"send the image as the body with Content-Type image/* or as multipart/form-data field 'image', "
-            f"not {content_type or 'no Content-Type'}"
-        )
+        if upload is None:
+            raise UnsupportedMediaType(
+                f"send the image as the body with Content-Type image/* or as multipart/form-data field 'image', "
+                f"not {content_type or 'no Content-Type'}"
+            )
+        request.env[BODY_READ_KEY] = True
+        return upload
 
     @staticmethod
     def _read_bounded(stream: Any, limit: int) -> bytes:
@@ -200,13 +217,21 @@ class Gateway:
 
     def handle_error(self, request: falcon.Request, response: falcon.Response, error: Exception, params: Any) -> None:
         """Falcon error handler for everything: the table decides the status."""
+        if _body_unread(request):
+            # QuietHandler then closes the connection rather than read (and wait for) the rest
+            # of a body nobody wants: a 2 GB upload refused with 413 costs nothing more
+            response.set_header("Connection", "close")
         if isinstance(error, falcon.HTTPError) and not isinstance(error, ChaoqingError):
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
             self._write_error(response, error.status_code, code, str(error.title or error.description))
+            for name, value in dict(error.headers or {}).items():  # a 405's Allow (RFC 9110 §15.5.6)
+                response.set_header(name, value)
             return
         if isinstance(error, ChaoqingError):
             mapped = http_error_for(error)
-            _log.info("%s %s -> %d %s: %s", request.method, request.path, mapped.status, mapped.code, error)
+            # /v1/enhance writes its own access line with the code and message; one line per request
+            log_level = logging.DEBUG if request.path == "/v1/enhance" else logging.INFO
+            _log.log(log_level, "%s %s -> %d %s: %s", request.method, request.path, mapped.status, mapped.code, error)
             self._write_error(response, mapped.status, mapped.code, str(error))
             retry_after = retry_after_for(error)
             if retry_after is not None:
@@ -224,6 +249,16 @@ class Gateway:
         response.status = status
         response.content_type = falcon.MEDIA_JSON
         response.text = json.dumps({"error": {"code": code, "message": message}})
+
+
+def _body_unread(request: falcon.Request) -> bool:
+    """Whether the request has a body the app did not read to its end."""
+    try:
+        declared = request.content_length or 0
+    except falcon.HTTPError:  # a Content-Length that is no number: where the body ends is unknown
+        return True
+    has_body = declared > 0 or "chunked" in (request.get_header("Transfer-Encoding") or "").lower()
+    return has_body and not request.env.get(BODY_READ_KEY)
 
 
 def _request_id(request: falcon.Request) -> str:
@@ -250,7 +285,7 @@ class EnhanceResource:
         status = 500
         result: EnhanceResult | None = None
         bytes_in = 0
-        error_code = ""
+        error_code = error_message = ""
         try:
             gateway.check_api_key(request)
             if preset not in gateway.config.presets:
@@ -274,6 +309,7 @@ class EnhanceResource:
         except Exception as exc:
             status = http_error_for(exc).status
             error_code = http_error_for(exc).code
+            error_message = str(exc) if isinstance(exc, ChaoqingError) else type(exc).__name__
             raise
         finally:
             total = time.monotonic() - started
@@ -290,6 +326,7 @@ class EnhanceResource:
                 )
             if error_code:
                 fields["error"] = error_code
+                fields["error_message"] = error_message
             _access_log.info("POST /v1/enhance %d", status, extra={"fields": fields})
         response.content_type = result.media_type
         response.data = result.data
@@ -340,6 +377,7 @@ class MetricsResource:
         self.gateway = gateway
 
     def on_get(self, request: falcon.Request, response: falcon.Response) -> None:
+        self.gateway.metrics.refresh_circuits(self.gateway.remotes)
         body, content_type = self.gateway.metrics.exposition()
         response.content_type = content_type
         response.data = body
@@ -359,13 +397,38 @@ class WebPageResource:
         response.cache_control = ["no-cache"]
 
 
+class RequestMetricsMiddleware:
+    """Counts and times the requests to every route but /v1/enhance, which records its own
+    (with its preset, stages and faces); logs them at debug level (health checks are many)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def process_request(self, request: falcon.Request, response: falcon.Response) -> None:
+        request.context.started = time.monotonic()
+
+    def process_response(
+        self, request: falcon.Request, response: falcon.Response, resource: Any, request_succeeded: bool
+    ) -> None:
+        if isinstance(resource, EnhanceResource):
+            return
+        started = request.context.get("started")
+        seconds = time.monotonic() - started if started is not None else 0.0
+        route = request.uri_template or UNMATCHED_ROUTE
+        status = response.status_code
+        self.gateway.metrics.observe_request(route, status, "", seconds, None)
+        if _access_log.isEnabledFor(logging.DEBUG):
+            fields = {"route": route, "status": status, "total_ms": round(seconds * 1000, 1)}
+            _access_log.debug("%s %s %d", request.method, request.path, status, extra={"fields": fields})
+
+
 def create_app(config: Config, remotes: RemoteModels, metrics: GatewayMetrics | None = None) -> falcon.App:
     """The WSGI app for ``config``, calling models through ``remotes``."""
     return Gateway(config, remotes, metrics).app
 
 
 def _build_app(gateway: Gateway) -> falcon.App:
-    app = falcon.App(cors_enable=False)
+    app = falcon.App(cors_enable=False, middleware=[RequestMetricsMiddleware(gateway)])
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = True

@@ -7,6 +7,8 @@ not alias. Pillow releases the GIL while it resamples; call these from the threa
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
@@ -26,7 +28,7 @@ def resize_lanczos(image: npt.NDArray[np.generic], width: int, height: int) -> n
     if image.dtype == np.uint8:
         mode = "RGB" if image.ndim == 3 else "L"
         resized = Image.fromarray(np.ascontiguousarray(image), mode).resize((width, height), Image.Resampling.LANCZOS)
-        return np.asarray(resized)
+        return np.asarray(resized, dtype=np.uint8)
     if image.dtype == np.uint16:
         planes = [image] if image.ndim == 2 else [image[:, :, channel] for channel in range(image.shape[2])]
         resized_planes = []
@@ -39,7 +41,7 @@ def resize_lanczos(image: npt.NDArray[np.generic], width: int, height: int) -> n
 
 
 def restore_bit_depth(
-    model_output: npt.NDArray[np.uint8], original_16: npt.NDArray[np.uint16], original_8: npt.NDArray[np.uint8]
+    model_output: npt.NDArray[np.uint8], original_16: npt.NDArray[Any], original_8: npt.NDArray[np.uint8]
 ) -> npt.NDArray[np.uint16]:
     """16-bit output for a 16-bit input, from a model that speaks 8 bits.
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import gevent
+from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from .config import Config
@@ -28,12 +29,13 @@ from .pipeline import quiet_expected_errors
 from .remote import RemoteModels
 from .supervisor import ModelServerSupervisor
 
-__all__ = ["GatewayServer", "open_models", "ModelsNotReady", "MAX_BLOCKING_TIME_S"]
+__all__ = ["GatewayServer", "start_hub_watch", "open_models", "ModelsNotReady", "MAX_BLOCKING_TIME_S"]
 
 _log = logging.getLogger("chaoqing.server")
 
 MAX_BLOCKING_TIME_S = 0.1  # gevent's monitor reports the hub blocked longer than this
 CONNECTIONS_PER_IN_FLIGHT = 8  # idle keep-alive and health-check connections beside the work
+HUB_BLOCK_LOG_INTERVAL_S = 1.0  # at most one "event loop blocked" warning per interval
 
 
 class ModelsNotReady(ChaoqingError):
@@ -72,20 +74,35 @@ def wait_until_ready(remotes: RemoteModels, models: Iterable[str], timeout_s: fl
         gevent.sleep(0.2)
 
 
-def _watch_hub(metrics: GatewayMetrics) -> None:
-    """Turn gevent's monitor-thread reports of a blocked hub into metrics."""
+def start_hub_watch(metrics: GatewayMetrics) -> None:
+    """Turn gevent's monitor-thread reports of a blocked hub into metrics and a log line."""
     from gevent import config as gevent_config
     from gevent import events
 
     gevent_config.monitor_thread = True
-    gevent_config.max_blocking_time = MAX_BLOCKING_TIME_S
+    if "GEVENT_MAX_BLOCKING_TIME" not in os.environ:  # gevent's own variable wins (benchmarks lower it)
+        gevent_config.max_blocking_time = MAX_BLOCKING_TIME_S
+    gevent_config.print_blocking_reports = False  # its multi-line stderr report would break JSON logs
+    hub = gevent.get_hub()
+    last_logged = [0.0]
 
-    def on_event(event: Any) -> None:
-        if isinstance(event, events.EventLoopBlocked):
-            metrics.on_hub_blocked(float(event.blocking_time))
+    def record(period_s: float, where: str) -> None:  # on the hub thread, once it runs again
+        metrics.on_hub_blocked(period_s)
+        now = time.monotonic()
+        if now - last_logged[0] > HUB_BLOCK_LOG_INTERVAL_S:  # a long block is reported every period
+            _log.warning("the event loop was blocked for over %.0f ms in %s", period_s * 1000, where)
+            last_logged[0] = now
+
+    def on_event(event: Any) -> None:  # on gevent's monitor thread: hand the report to the hub
+        if isinstance(event, events.EventLoopBlocked) and event.hub is hub:
+            hub.loop.run_callback_threadsafe(record, float(event.blocking_time), repr(event.greenlet)[:120])
 
     events.subscribers.append(on_event)
-    gevent.get_hub().start_periodic_monitoring_thread()
+    # the monitor thread stops for good at its first check (0.1 s) if the hub greenlet has not
+    # started by then (it tests `if not hub`, and a greenlet not yet started is false); gevent
+    # scans every package's entry points while starting it, which can take that long: start the hub
+    gevent.sleep(0)
+    hub.start_periodic_monitoring_thread()
 
 
 class GatewayServer:
@@ -108,8 +125,9 @@ class GatewayServer:
             self._listener, self.app, spawn=config.max_in_flight * CONNECTIONS_PER_IN_FLIGHT,
             log=None, error_log=_log, handler_class=QuietHandler,
         )
+        self._stopped = Event()
         if watch_hub:
-            _watch_hub(self.metrics)
+            start_hub_watch(self.metrics)
 
     @property
     def url(self) -> str:
@@ -120,22 +138,27 @@ class GatewayServer:
         self._server.start()
 
     def serve_forever(self) -> None:
+        """Serve until :meth:`stop` has finished. (gevent's own serve_forever wakes when the
+        listener closes and kills the requests still running one second later.)"""
         if not self._server.started:
             self.start()
-        self._server.serve_forever()
+        self._stopped.wait()
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish within ``grace_s``, stop children.
 
         Idle keep-alive connections do not hold the shutdown up: only requests do."""
-        self._server.close()
-        gateway = self.gateway
-        ends_at = time.monotonic() + grace_s
-        while gateway.in_flight and time.monotonic() < ends_at:
-            gevent.sleep(0.05)
-        if gateway.in_flight:
-            _log.warning("%d requests still in flight after %.0f s; stopping them", gateway.in_flight, grace_s)
-        self._server.stop(timeout=0.5)
-        self.remotes.close()
-        if self.supervisor is not None:
-            self.supervisor.stop(grace_s=grace_s)
+        try:
+            self._server.close()
+            gateway = self.gateway
+            ends_at = time.monotonic() + grace_s
+            while gateway.in_flight and time.monotonic() < ends_at:
+                gevent.sleep(0.05)
+            if gateway.in_flight:
+                _log.warning("%d requests still in flight after %.0f s; stopping them", gateway.in_flight, grace_s)
+            self._server.stop(timeout=0.5)
+            self.remotes.close()
+            if self.supervisor is not None:
+                self.supervisor.stop(grace_s=grace_s)
+        finally:
+            self._stopped.set()

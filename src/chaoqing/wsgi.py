@@ -14,7 +14,9 @@ import os
 from .config import ConfigError, load_config
 from .gateway import create_app
 from .metrics import GatewayMetrics
+from .pipeline import quiet_expected_errors
 from .remote import RemoteModels
+from .server import start_hub_watch
 
 __all__ = ["app", "build_app"]
 
@@ -29,6 +31,8 @@ def build_app() -> object:
             "(set [endpoints] in CHAOQING_CONFIG or CHAOQING_ENDPOINTS__<MODEL>=URL)"
         )
     metrics = GatewayMetrics()
+    start_hub_watch(metrics)  # each gunicorn worker watches its own hub (chaoqing_hub_blocked_* metrics)
+    quiet_expected_errors()
     remotes = RemoteModels.from_config(config, metrics)
     remotes.start_health_checks()
     return create_app(config, remotes, metrics)
