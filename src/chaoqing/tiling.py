@@ -13,7 +13,7 @@ edge poorly), and the ``blend`` pixels around the seam are cross-faded.
 Resampling. A tile comes back from the model at its native scale ``S``; the photo is asked
 for at scale ``s``. Each tile is resampled straight onto the output grid with Pillow's
 Lanczos and an exact fractional source box, so the result equals resampling the whole
-native image (edges map to edges, as in :func:`chaoqing.resize.resize_lanczos`), and the
+native image (edges map to edges, as in :func:`chaoqing.resize.resize_image`), and the
 native-scale image is never held whole.
 
 Stitching. Weights are products of per-axis linear ramps quantised to ``RAMP_LEVELS`` steps,
@@ -37,10 +37,13 @@ import math
 import mmap
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 from gevent import monkey
 from PIL import Image
+
+from .resize import whole_reduction
 
 __all__ = ["Tile", "TilePlan", "plan_tiles", "TileCanvas", "RAMP_LEVELS"]
 
@@ -125,6 +128,10 @@ def _plan_axis(length: int, tile: int, blend: int, margin: int) -> list[_Span]:
     if tile <= 2 * minimum_overlap:
         raise ValueError(f"tile size {tile} is too small for blend {blend} and margin {margin}")
     count = math.ceil((length - minimum_overlap) / (tile - minimum_overlap))
+    # as many tiles as a full-size tile needs, each shrunk to just cover the axis with the
+    # minimum overlap: a 1632 px side takes 8 tiles of 232 rather than 8 of 256, 14 % fewer
+    # pixels for the model (tiles of one request still share one shape)
+    tile = min(tile, math.ceil((length + (count - 1) * minimum_overlap) / count))
     starts = [round(index * (length - tile) / (count - 1)) for index in range(count)]
     seams = [((starts[index + 1]) + (starts[index] + tile)) / 2 for index in range(count - 1)]
     return [
@@ -282,7 +289,9 @@ def _release(memory: mmap.mmap, released: int, upto: int) -> int:
 
 
 def _resample(native: npt.NDArray[np.uint8], box: tuple[float, float, float, float], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """Pillow Lanczos of ``box`` (fractional, tile-native pixels) to ``size``; a slice when exact."""
+    """``box`` (fractional, tile-native pixels) resampled to ``size``: a slice when it is 1:1,
+    a k×k block average when it is a whole-number reduction on whole pixels (as
+    :func:`chaoqing.resize.resize_image` does for the whole photo), Pillow's Lanczos otherwise."""
     native_height, native_width = native.shape[:2]
     left, top = max(0.0, box[0]), max(0.0, box[1])
     right, bottom = min(float(native_width), box[2]), min(float(native_height), box[3])
@@ -293,6 +302,10 @@ def _resample(native: npt.NDArray[np.uint8], box: tuple[float, float, float, flo
         and float(left).is_integer() and float(top).is_integer()
     ):
         return native[int(top) : int(bottom), int(left) : int(right)]
+    aligned = all(float(edge).is_integer() for edge in box)
+    if aligned and whole_reduction(right - left, bottom - top, width, height):
+        region = np.ascontiguousarray(native[int(top) : int(bottom), int(left) : int(right)])
+        return np.asarray(cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA), dtype=np.uint8)
     mode = "RGB" if native.shape[2] == 3 else "RGBA"
     image = Image.fromarray(np.ascontiguousarray(native), mode)
     return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))

@@ -34,7 +34,7 @@ from gevent.lock import BoundedSemaphore
 from .config import TileSettings
 from .errors import BadModelResponse
 from .remote import RemoteModel
-from .resize import resize_lanczos
+from .resize import resize_image
 from .tiling import TileCanvas, TilePlan, plan_tiles
 
 __all__ = ["TileGeometry", "tile_geometry_for", "upscale_image"]
@@ -63,9 +63,11 @@ def upscale_image(
     if tile_size <= 0 or (width <= tile_size and height <= tile_size):
         native = _infer_one(model, rgb8, deadline, request_id)
         _check_native(model, native, width, height)
-        resized = offload(resize_lanczos, native, output_width, output_height)
-        # Pillow's and np.frombuffer's arrays are read-only; the result is the caller's to write
-        return resized if resized.flags.writeable and resized is not native else np.array(resized)
+        resized = offload(resize_image, native, output_width, output_height)
+        # the answer's buffer is this call's own (remote.py reads each body into a fresh
+        # bytearray), so a writeable result is handed over as it is; a read-only one (JSON
+        # tensors, or another client) is copied, off the hub
+        return resized if resized.flags.writeable else offload(np.array, resized)
     plan = plan_tiles(width, height, output_width, output_height, tile_size, geometry.overlap, geometry.margin)
     return _upscale_tiles(model, rgb8, plan, tiles.max_concurrent_tiles, deadline, offload, request_id)
 

@@ -367,7 +367,7 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
     """Tiled against whole for one model; the numbers as a dict. Raises RunnerError."""
     import numpy as np
 
-    from ..resize import resize_lanczos
+    from ..resize import resize_image
     from ..runners import RunnerSettings, create_runner
     from ..tiling import TileCanvas, plan_tiles
 
@@ -380,7 +380,7 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
     native = whole_runner.run({"image": image[None]})["image"][0]
     whole_s = time.monotonic() - started
     whole_runner.close()
-    whole = resize_lanczos(native, output_width, output_height)
+    whole = resize_image(native, output_width, output_height)
     runner = create_runner(model_name, RunnerSettings(threads=threads))  # as a model server runs it
     gateway_tile = min(tile_size, int(runner.spec.parameters.get("tile_size", tile_size)))
     plan = plan_tiles(width, height, output_width, output_height, gateway_tile, overlap, margin)
