@@ -30,8 +30,8 @@ PLUS_X4 = "realesrgan-x4plus"
 # compact models with 20 px of context: max abs difference 1 level (float rounding), mean ~0
 # (10 px of context, realesrgan-ncnn-vulkan's: max 6);
 COMPACT_TILING_MAX_DIFFERENCE = 1
-# x4plus with 32 px of context on the 64×64 crop below cut into 32 px tiles: max 17, mean 0.51
-# (10 px of context: max 71, mean 1.30).
+# x4plus with 32 px of context on a crop cut into 32 px tiles: max 17, mean 0.51 on a 64×64
+# crop (10 px of context: max 71, mean 1.30); the test cuts a 96×96 crop into 3 × 3 tiles.
 PLUS_TILING_MAX_DIFFERENCE = 32
 PLUS_TILING_MEAN_DIFFERENCE = 1.0
 
@@ -178,7 +178,7 @@ def test_compact_x4_metadata(compact_x4: Runner) -> None:
     assert metadata["outputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
     assert metadata["parameters"]["max_batch_size"] == 8
     assert metadata["parameters"]["scale"] == 4
-    assert metadata["parameters"]["tile_size"] == 256
+    assert metadata["parameters"]["tile_size"] == 276  # 256 + 2 × (context 20 − edge padding 10)
 
 
 @pytest.mark.slow
@@ -250,6 +250,19 @@ def test_compact_tiles_join_seamlessly(astronaut_quarter: np.ndarray) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
+def test_a_side_that_fits_one_pass_is_not_split(astronaut_quarter: np.ndarray) -> None:
+    runner = create_runner(COMPACT_X4, RunnerSettings(tile_size=40))
+    one_pass = runner.spec.parameters["tile_size"]
+    assert one_pass == 40 + 2 * (20 - 10)  # the network sees as many pixels as an inner tile
+    whole_runner = create_runner(COMPACT_X4, RunnerSettings(tile_size=1000))
+    fits = astronaut_quarter[:one_pass, :one_pass]
+    assert np.array_equal(upscale_one(runner, fits), upscale_one(whole_runner, fits))
+    longer = astronaut_quarter[: one_pass + 1, :one_pass]
+    assert not np.array_equal(upscale_one(runner, longer), upscale_one(whole_runner, longer))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("name, scale", [(COMPACT_X2, 2), (COMPACT_X3, 3)])
 def test_compact_x2_and_x3_shapes(astronaut_quarter: np.ndarray, name: str, scale: int) -> None:
     runner = create_runner(name, RunnerSettings(tile_size=32))
@@ -279,7 +292,7 @@ def test_x4plus_on_a_small_crop(astronaut_quarter: np.ndarray) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_x4plus_tile_seams_stay_within_the_measured_bound(astronaut_quarter: np.ndarray) -> None:
-    image = astronaut_quarter[16:80, 32:96]  # 64×64
+    image = astronaut_quarter[16:112, 16:112]  # 96×96: longer than one pass of 32 + 2 × (32 − 10)
     whole = upscale_one(create_runner(PLUS_X4, RunnerSettings()), image)
     tiled = upscale_one(create_runner(PLUS_X4, RunnerSettings(tile_size=32)), image)
     difference = np.abs(whole.astype(np.int16) - tiled.astype(np.int16))

