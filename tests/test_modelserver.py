@@ -16,8 +16,8 @@ import requests
 
 from chaoqing import v2
 from chaoqing.config import RemoteSettings
-from chaoqing.errors import ModelServerError, ModelUnavailable
-from chaoqing.modelserver import ModelServer
+from chaoqing.errors import InvalidTensorRequest, ModelServerError, ModelUnavailable
+from chaoqing.modelserver import ModelServer, validate_inputs
 from chaoqing.remote import RemoteModel
 from chaoqing.runners import RunnerSettings, create_runner
 from chaoqing.runners.base import ModelSpec, Runner, RunnerError, TensorSpec
@@ -309,3 +309,23 @@ def test_threads_are_not_leaked_by_stopped_servers(start_model_server: StartServ
     server.stop(timeout_s=1)
     gevent.sleep(0.2)
     assert threading.active_count() <= before + 1
+
+
+def test_optional_inputs_may_be_left_out_and_value_ranges_are_enforced() -> None:
+    spec = ModelSpec(
+        "padded", "test",
+        inputs=(TensorSpec("image", "UINT8", (-1, -1, -1, 3)),
+                TensorSpec("edge_padding", "INT32", (-1, 1), optional=True, value_range=(0, 10))),
+        outputs=(TensorSpec("image", "UINT8", (-1, -1, -1, 3)),),
+        max_batch_size=8,
+    )
+    assert spec.as_metadata()["parameters"]["optional_inputs"] == ["edge_padding"]
+    image = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    validate_inputs(spec, {"image": image}, 10**6)
+    validate_inputs(spec, {"image": image, "edge_padding": np.array([[0], [10]], dtype=np.int32)}, 10**6)
+    with pytest.raises(InvalidTensorRequest, match="from 0 to 10"):
+        validate_inputs(spec, {"image": image, "edge_padding": np.array([[0], [11]], dtype=np.int32)}, 10**6)
+    with pytest.raises(InvalidTensorRequest, match="from 0 to 10"):
+        validate_inputs(spec, {"image": image, "edge_padding": np.array([[-1], [0]], dtype=np.int32)}, 10**6)
+    with pytest.raises(InvalidTensorRequest, match="needs input 'image'"):
+        validate_inputs(spec, {"edge_padding": np.zeros((1, 1), dtype=np.int32)}, 10**6)

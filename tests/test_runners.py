@@ -174,7 +174,9 @@ def test_vulkan_without_a_gpu_is_a_clear_error() -> None:
 def test_compact_x4_metadata(compact_x4: Runner) -> None:
     metadata = compact_x4.spec.as_metadata()
     assert metadata["platform"] == "ncnn"
-    assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
+    assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
+                                  {"name": "edge_padding", "datatype": "INT32", "shape": [-1, 1]}]
+    assert metadata["parameters"]["optional_inputs"] == ["edge_padding"]
     assert metadata["outputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
     assert metadata["parameters"]["max_batch_size"] == 8
     assert metadata["parameters"]["scale"] == 4
@@ -246,6 +248,26 @@ def test_compact_tiles_join_seamlessly(astronaut_quarter: np.ndarray) -> None:
     difference = np.abs(whole.astype(np.int16) - tiled.astype(np.int16))
     assert difference.max() <= COMPACT_TILING_MAX_DIFFERENCE
     assert difference.mean() < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_edge_padding_zero_lets_a_caller_bring_its_own_context(astronaut_quarter: np.ndarray) -> None:
+    """What the gateway does with tiles: a window with real pixels around it, no edge replicated."""
+    runner = create_runner(COMPACT_X4, RunnerSettings())
+    whole = upscale_one(runner, astronaut_quarter)  # 128 px: one pass
+    window = np.ascontiguousarray(astronaut_quarter[20:100, 30:110])
+    unpadded = runner.run({"image": window[None], "edge_padding": np.zeros((1, 1), dtype=np.int32)})["image"][0]
+    assert unpadded.shape == (320, 320, 3)
+    context = 14  # pixels of the window kept out of the comparison, on every side
+    core = unpadded[4 * context : 4 * (80 - context), 4 * context : 4 * (80 - context)]
+    expected = whole[4 * (20 + context) : 4 * (100 - context), 4 * (30 + context) : 4 * (110 - context)]
+    assert np.abs(core.astype(np.int16) - expected.astype(np.int16)).max() <= COMPACT_TILING_MAX_DIFFERENCE
+    padded = runner.run({"image": window[None], "edge_padding": np.full((1, 1), 10, dtype=np.int32)})["image"][0]
+    assert np.array_equal(padded, upscale_one(runner, window))  # 10, the default
+    assert not np.array_equal(padded, unpadded)
+    with pytest.raises(RunnerError, match="from 0 to 10"):
+        runner.run({"image": window[None], "edge_padding": np.full((1, 1), 11, dtype=np.int32)})
 
 
 @pytest.mark.slow

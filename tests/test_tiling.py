@@ -32,7 +32,7 @@ from chaoqing.pipeline import offload
 from chaoqing.remote import ModelMetadata, RemoteModels
 from chaoqing.resize import resize_image
 from chaoqing.server import GatewayServer
-from chaoqing.tiling import FINISH_BAND_BYTES, TileCanvas, TilePlan, plan_tiles
+from chaoqing.tiling import FINISH_BAND_BYTES, TileCanvas, TilePlan, plan_tiles, tile_window, window_core
 from chaoqing.upscale import TileGeometry, tile_geometry_for, upscale_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,6 +139,11 @@ class _ModelWithMetadata:
         ({"tile_size": 128, "tile_margin": 32}, TileGeometry(161, 16, 32)),  # the overlap must fit
         ({"tile_overlap": 4, "tile_margin": 2}, TileGeometry(512, 16, 8)),  # the config is a floor
         ({"tile_size": True, "tile_margin": "lots", "tile_overlap": -3}, TileGeometry(512, 16, 8)),
+        # pads its inputs by 10 and lets the caller turn that off: 10 px of the photo around each
+        # tile count towards the margin (Real-ESRGAN's metadata)
+        ({"tile_size": 276, "prepadding": 10, "optional_inputs": ["edge_padding"]}, TileGeometry(276, 16, 0, 10)),
+        ({"prepadding": 4, "optional_inputs": ["edge_padding"]}, TileGeometry(512, 16, 4, 4)),
+        ({"prepadding": 10}, TileGeometry(512, 16, 8)),  # padding it cannot turn off: plain tiles
     ],
 )
 def test_tile_geometry_follows_the_model_metadata(parameters: dict[str, object], expected: TileGeometry) -> None:
@@ -348,3 +353,22 @@ def test_faces_are_found_on_the_whole_photo_shrunk_and_pasted_onto_the_tiled_bac
     assert any(rows.min() < row < rows.max() for row in seam_rows)
     unchanged = ~shrunk_region
     assert np.array_equal(shrunk_faces[unchanged], background[unchanged]), "only the face was pasted"
+
+
+def test_a_tile_window_brings_the_photo_around_the_tile_and_replicates_its_edge() -> None:
+    photo = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    plan = plan_tiles(8, 6, 16, 12, 5, 2, 0)
+    corner, far = plan.tiles[0], plan.tiles[-1]
+    window = tile_window(photo, corner, 2)
+    assert window.shape == (corner.height + 4, corner.width + 4, 3) and window.flags.c_contiguous
+    assert np.array_equal(window[2:-2, 2:-2], photo[: corner.height, : corner.width])
+    assert np.array_equal(window[0, 2:-2], photo[0, : corner.width])  # the top edge replicated
+    assert np.array_equal(window[:2, :2], np.broadcast_to(photo[0, 0], (2, 2, 3)))
+    inner = tile_window(photo, far, 1)
+    assert np.array_equal(inner[:-1, :-1], photo[far.y - 1 :, far.x - 1 :])
+    assert np.array_equal(tile_window(photo, far, 0), photo[far.y :, far.x :])
+    native = np.repeat(np.repeat(window, 2, axis=0), 2, axis=1)  # a ×2 "model"
+    assert np.array_equal(window_core(native, corner, 2), np.repeat(np.repeat(photo[: corner.height, : corner.width],
+                                                                              2, axis=0), 2, axis=1))
+    with pytest.raises(ValueError, match="whole-number multiple"):
+        window_core(native[:, :-1], corner, 2)

@@ -139,6 +139,8 @@ def validate_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray], max_input
     for name, tensor in expected.items():
         array = inputs.get(name)
         if array is None:
+            if tensor.optional:
+                continue
             raise InvalidTensorRequest(f"model {spec.name} needs input {name!r}")
         if v2.datatype_of(array) != tensor.datatype:
             raise InvalidTensorRequest(
@@ -158,6 +160,10 @@ def validate_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray], max_input
             raise InvalidTensorRequest(
                 f"input {name!r}: batch of {array.shape[0]} exceeds max_batch_size {spec.max_batch_size}"
             )
+        if tensor.value_range is not None:
+            low, high = tensor.value_range
+            if not (low <= array.min() and array.max() <= high):
+                raise InvalidTensorRequest(f"input {name!r} must hold values from {low:g} to {high:g}")
         if array.ndim >= 3:
             pixels = math.prod(array.shape[:-1])
             if pixels > max_input_pixels:

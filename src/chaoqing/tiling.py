@@ -45,7 +45,7 @@ from PIL import Image
 
 from .resize import whole_reduction
 
-__all__ = ["Tile", "TilePlan", "plan_tiles", "TileCanvas", "RAMP_LEVELS"]
+__all__ = ["Tile", "TilePlan", "plan_tiles", "TileCanvas", "tile_window", "window_core", "RAMP_LEVELS"]
 
 RAMP_LEVELS = 16  # ramp steps per seam: 16 × 16 = 256 per pixel, so 255 × 256 fits a uint16
 WEIGHT_TOTAL = RAMP_LEVELS * RAMP_LEVELS
@@ -188,6 +188,34 @@ def _ramp(first: int, stop: int, fade_in_end: int, fade_out_start: int) -> npt.N
         rising_next = np.floor(RAMP_LEVELS * (positions - fade_out_start) / (stop - fade_out_start) + 0.5)
         weights = np.where(positions >= fade_out_start, RAMP_LEVELS - rising_next, weights)
     return np.clip(weights, 0, RAMP_LEVELS).astype(np.uint16)
+
+
+def tile_window(rgb: npt.NDArray[np.uint8], tile: Tile, context: int) -> npt.NDArray[np.uint8]:
+    """``tile`` of ``rgb`` with ``context`` pixels around it (a contiguous copy); where the photo
+    ends, its edge is replicated, as a model server pads a whole image."""
+    height, width = rgb.shape[:2]
+    top, left = tile.y - context, tile.x - context
+    bottom, right = tile.y + tile.height + context, tile.x + tile.width + context
+    inner = rgb[max(top, 0) : min(bottom, height), max(left, 0) : min(right, width)]
+    padding = ((max(0, -top), max(0, bottom - height)), (max(0, -left), max(0, right - width)), (0, 0))
+    if any(before or after for before, after in padding):
+        return np.pad(inner, padding[: rgb.ndim], mode="edge")
+    return np.ascontiguousarray(inner)
+
+
+def window_core(native_window: npt.NDArray[np.uint8], tile: Tile, context: int) -> npt.NDArray[np.uint8]:
+    """The tile's own part (a view) of a model's output for :func:`tile_window`'s window.
+
+    Raises ValueError when the output is not a whole-number multiple of the window.
+    """
+    window_height, window_width = tile.height + 2 * context, tile.width + 2 * context
+    native_height, native_width = native_window.shape[:2]
+    scale, remainder = divmod(native_width, window_width)
+    if remainder or scale < 1 or native_height != scale * window_height:
+        raise ValueError(f"{native_width}×{native_height} is not a whole-number multiple of the "
+                         f"{window_width}×{window_height} window")
+    edge = context * scale
+    return native_window[edge : native_height - edge, edge : native_width - edge]
 
 
 class TileCanvas:

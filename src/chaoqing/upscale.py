@@ -9,10 +9,20 @@ are killed.
 
 Tile geometry per model: the configured ``[tiles]`` settings, adjusted by the model's
 metadata. A model that publishes ``parameters.tile_size`` (the bundled Real-ESRGAN runners
-do: 256 for the compact models, 128 for x4plus) gets tiles no larger than that, because a
-server that split our tiles again would pay for a second set of overlaps; one that
-publishes ``tile_overlap`` or ``tile_margin`` (input pixels: what its receptive field
-needs) gets at least those. The tile never shrinks below what the overlap needs.
+do: the longest side they run in one pass, 276 for the compact models, 172 for x4plus) gets
+tiles no larger than that, because a server that split our tiles again would pay for a
+second set of overlaps; one that publishes ``tile_overlap`` or ``tile_margin`` (input
+pixels: what its receptive field needs) gets at least those. The tile never shrinks below
+what the overlap needs.
+
+A model that pads every input by replicating its edge (``parameters.prepadding``, 10 for
+Real-ESRGAN) and lets the caller turn that off (``edge_padding`` among its
+``optional_inputs``) gets each tile as a window with that many pixels of the photo around it
+and ``edge_padding`` 0: the same pixels go through the network as before, but a tile's inner
+sides see real context instead of a replica of their edge, so that context counts towards
+the margin — with the defaults (margin 8, prepadding 10) the tiles need no margin, and
+neighbours overlap by 16 pixels instead of 32. Where the photo ends, the gateway replicates
+its edge, as the server would have.
 
 Memory for a tiled photo: the output canvas (2 bytes per channel while stitching, released
 as the 1-byte result is written) plus the tiles in flight; the native-scale image is never
@@ -22,7 +32,7 @@ the hub.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,9 +45,11 @@ from .config import TileSettings
 from .errors import BadModelResponse
 from .remote import RemoteModel
 from .resize import resize_image
-from .tiling import TileCanvas, TilePlan, plan_tiles
+from .tiling import TileCanvas, TilePlan, plan_tiles, tile_window, window_core
 
-__all__ = ["TileGeometry", "tile_geometry_for", "upscale_image"]
+__all__ = ["EDGE_PADDING_INPUT", "TileGeometry", "geometry_from_parameters", "tile_geometry_for", "upscale_image"]
+
+EDGE_PADDING_INPUT = "edge_padding"  # a model's optional input: pixels of edge it replicates around an image
 
 T = TypeVar("T")
 Offload = Callable[..., Any]
@@ -69,16 +81,19 @@ def upscale_image(
         # tensors, or another client) is copied, off the hub
         return resized if resized.flags.writeable else offload(np.array, resized)
     plan = plan_tiles(width, height, output_width, output_height, tile_size, geometry.overlap, geometry.margin)
-    return _upscale_tiles(model, rgb8, plan, tiles.max_concurrent_tiles, deadline, offload, request_id)
+    return _upscale_tiles(model, rgb8, plan, geometry.context, tiles.max_concurrent_tiles, deadline, offload,
+                          request_id)
 
 
 @dataclass(frozen=True)
 class TileGeometry:
-    """Tile size (0: never tile), overlap and margin in input pixels, for one model."""
+    """Tile size (0: never tile), overlap and margin in input pixels, for one model; ``context``:
+    pixels of the photo sent around each tile, with ``edge_padding`` 0 (0: plain tiles)."""
 
     tile_size: int
     overlap: int
     margin: int
+    context: int = 0
 
 
 def tile_geometry_for(model: RemoteModel, tiles: TileSettings, deadline: float) -> TileGeometry:
@@ -88,14 +103,25 @@ def tile_geometry_for(model: RemoteModel, tiles: TileSettings, deadline: float) 
     """
     if tiles.tile_size <= 0:
         return TileGeometry(0, tiles.overlap, tiles.margin)
-    parameters = model.metadata(deadline).parameters
+    return geometry_from_parameters(model.metadata(deadline).parameters, tiles)
+
+
+def geometry_from_parameters(parameters: Mapping[str, Any], tiles: TileSettings) -> TileGeometry:
+    """The configured tiles adjusted by a model's metadata ``parameters`` (see the module notes)."""
+    if tiles.tile_size <= 0:
+        return TileGeometry(0, tiles.overlap, tiles.margin)
     overlap = max(tiles.overlap, _published_pixels(parameters.get("tile_overlap")))
     margin = max(tiles.margin, _published_pixels(parameters.get("tile_margin")))
     tile_size = tiles.tile_size
     published = _published_pixels(parameters.get("tile_size"))
     if 0 < published < tile_size:
         tile_size = published
-    return TileGeometry(max(tile_size, 2 * (overlap + 2 * margin) + 1), overlap, margin)
+    optional = parameters.get("optional_inputs")
+    context = 0
+    if isinstance(optional, list) and EDGE_PADDING_INPUT in optional:
+        context = _published_pixels(parameters.get("prepadding"))
+        margin = max(0, margin - context)
+    return TileGeometry(max(tile_size, 2 * (overlap + 2 * margin) + 1), overlap, margin, context)
 
 
 def _published_pixels(value: Any) -> int:
@@ -103,8 +129,12 @@ def _published_pixels(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _infer_one(model: RemoteModel, rgb8: npt.NDArray[np.uint8], deadline: float, request_id: str) -> npt.NDArray[np.uint8]:
-    output = model.infer({"image": rgb8[None]}, ["image"], deadline, request_id=request_id)["image"]
+def _infer_one(model: RemoteModel, rgb8: npt.NDArray[np.uint8], deadline: float, request_id: str,
+               edge_padding: int | None = None) -> npt.NDArray[np.uint8]:
+    inputs = {"image": rgb8[None]}
+    if edge_padding is not None:
+        inputs[EDGE_PADDING_INPUT] = np.array([[edge_padding]], dtype=np.int32)
+    output = model.infer(inputs, ["image"], deadline, request_id=request_id)["image"]
     if output.ndim != 4 or output.shape[0] != 1 or output.dtype != np.uint8:
         raise BadModelResponse(
             f"upscaler {model.name} returned {output.dtype} {list(output.shape)}, expected UINT8 [1,h,w,{rgb8.shape[2]}]",
@@ -127,6 +157,7 @@ def _upscale_tiles(
     model: RemoteModel,
     rgb8: npt.NDArray[np.uint8],
     plan: TilePlan,
+    context: int,
     concurrency: int,
     deadline: float,
     offload: Offload,
@@ -136,10 +167,14 @@ def _upscale_tiles(
 
     def run_tile(index: int) -> None:
         tile = plan.tiles[index]
-        crop = np.ascontiguousarray(rgb8[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width])
-        native = _infer_one(model, crop, deadline, request_id)
-        _check_native(model, native, tile.width, tile.height)
-        offload(canvas.add, tile, native)
+        window = tile_window(rgb8, tile, context)
+        native = _infer_one(model, window, deadline, request_id, 0 if context else None)
+        _check_native(model, native, window.shape[1], window.shape[0])
+        try:
+            core = window_core(native, tile, context)
+        except ValueError as exc:
+            raise BadModelResponse(f"upscaler {model.name}: {exc}", model=model.name) from None
+        offload(canvas.add, tile, core)
 
     gate = BoundedSemaphore(max(1, concurrency))
 

@@ -107,17 +107,23 @@ class ChildProcess:
 
     def stop(self) -> None:
         """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL."""
-        from gevent import subprocess
+        stop_process(self.process)
 
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+
+def stop_process(process: Any, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM ``process`` (a gevent.subprocess.Popen), wait up to ``grace_s``, then SIGKILL;
+    close its stdout."""
+    from gevent import subprocess
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def _launch(name: str, command: Sequence[str], environment: Mapping[str, str] | None = None) -> ChildProcess:

@@ -142,17 +142,9 @@ class _Service:
 
     def stop(self) -> None:
         """SIGTERM (the gateway drains and stops its model servers), SIGKILL after a while."""
-        from gevent import subprocess
+        from .common import stop_process
 
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        stop_process(self.process, STOP_GRACE_S)
 
 
 def _start_service(config_path: Path, log_path: Path) -> _Service:
@@ -365,13 +357,14 @@ def mean_step_across(image: Any, positions: Sequence[int], axis: int) -> float:
 
 
 def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile_size: int, overlap: int, margin: int,
-              threads: int) -> dict[str, Any]:
+              threads: int, with_context: bool = True) -> dict[str, Any]:
     """Tiled against whole for one model; the numbers as a dict. Raises RunnerError."""
     import numpy as np
 
     from ..resize import resize_image
     from ..runners import RunnerSettings, create_runner
-    from ..tiling import TileCanvas, plan_tiles
+    from ..tiling import TileCanvas, plan_tiles, tile_window, window_core
+    from ..upscale import EDGE_PADDING_INPUT, geometry_from_parameters
 
     source = _source_photo(photo)
     image = np.ascontiguousarray(source[:size, :size])
@@ -384,13 +377,20 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
     whole_runner.close()
     whole = resize_image(native, output_width, output_height)
     runner = create_runner(model_name, RunnerSettings(threads=threads))  # as a model server runs it
-    gateway_tile = min(tile_size, int(runner.spec.parameters.get("tile_size", tile_size)))
-    plan = plan_tiles(width, height, output_width, output_height, gateway_tile, overlap, margin)
+    settings = TileSettings(tile_size=tile_size, overlap=overlap, margin=margin)
+    parameters = dict(runner.spec.as_metadata()["parameters"])
+    if not with_context:
+        parameters.pop("optional_inputs", None)
+    geometry = geometry_from_parameters(parameters, settings)  # as the gateway does
+    gateway_tile, context = geometry.tile_size, geometry.context
+    plan = plan_tiles(width, height, output_width, output_height, gateway_tile, geometry.overlap, geometry.margin)
     canvas = TileCanvas(plan)
     started = time.monotonic()
     for tile in plan.tiles:
-        crop = np.ascontiguousarray(image[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width])
-        canvas.add(tile, runner.run({"image": crop[None]})["image"][0])
+        inputs = {"image": tile_window(image, tile, context)[None]}
+        if context:
+            inputs[EDGE_PADDING_INPUT] = np.zeros((1, 1), dtype=np.int32)
+        canvas.add(tile, window_core(runner.run(inputs)["image"][0], tile, context))
     tiled_s = time.monotonic() - started
     runner.close()
     tiled = canvas.finish()
@@ -399,7 +399,8 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
     result: dict[str, Any] = {
         "model": model_name, "photo": str(photo) if photo else "skimage astronaut",
         "input": f"{width}x{height}", "scale": scale, "output": f"{output_width}x{output_height}",
-        "tile_size": gateway_tile, "overlap": overlap, "margin": margin, "tiles": len(plan.tiles),
+        "tile_size": gateway_tile, "overlap": geometry.overlap, "margin": geometry.margin, "context": context,
+        "tiles": len(plan.tiles),
         "psnr_db": round(psnr(whole, tiled), 2), "max_difference": int(difference.max()),
         "mean_difference": round(float(difference.mean()), 4),
         "whole_s": round(whole_s, 1), "tiled_s": round(tiled_s, 1),
@@ -421,21 +422,24 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
 @click.option("--photo", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Source photo (default: scikit-image's astronaut); its top-left SIZE×SIZE crop is used.")
 @click.option("--size", default=480, show_default=True, type=click.IntRange(16, 2048),
-              help="Crop side: 480 = two 256 px tiles a side overlapping by the minimum 32.")
+              help="Crop side: 480 = two tiles a side (the gateway shrinks them to overlap by the minimum).")
 @click.option("--scale", default=2.0, show_default=True, type=click.FloatRange(1, 4))
 @click.option("--tile-size", default=TileSettings.tile_size, show_default=True, type=click.IntRange(16, 4096),
               help="The gateway's tile size (lowered to the model's published one, as the gateway does).")
 @click.option("--overlap", default=16, show_default=True, type=click.IntRange(0, 512))
 @click.option("--margin", default=8, show_default=True, type=click.IntRange(0, 512))
+@click.option("--context/--no-context", default=True, show_default=True,
+              help="Send tiles with the photo around them and edge_padding 0, as the gateway does for models "
+                   "that take it; --no-context: plain tiles, the model pads each.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256), help="ncnn threads; 0 = all CPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def seams(model_name: str, photo: Path | None, size: int, scale: float, tile_size: int, overlap: int, margin: int,
-          threads: int, as_json: bool) -> None:
+          context: bool, threads: int, as_json: bool) -> None:
     """Tiled against whole-image output: PSNR and the steps across tile seams."""
     from ..runners import RunnerError
 
     try:
-        result = run_seams(model_name, photo, size, scale, tile_size, overlap, margin, threads)
+        result = run_seams(model_name, photo, size, scale, tile_size, overlap, margin, threads, context)
     except (RunnerError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     result["command"] = "chaoqing " + " ".join(sys.argv[1:])

@@ -18,20 +18,40 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TensorSpec", "ModelSpec", "Runner", "RunnerError"]
+__all__ = ["TensorSpec", "ModelSpec", "Runner", "RunnerError", "image_batch"]
 
 
 class RunnerError(Exception):
     """A runner cannot be built (missing weights, unusable device) or cannot compute."""
 
 
+def image_batch(inputs: Mapping[str, Any]) -> Any:
+    """``inputs["image"]`` checked to be UINT8 [B,H,W,3] with no empty dimension.
+
+    Raises RunnerError otherwise.
+    """
+    images = inputs.get("image")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise RunnerError("input 'image' must be a UINT8 array")
+    if images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape:
+        raise RunnerError(f"input 'image' must have shape [B,H,W,3], got {list(images.shape)}")
+    return images
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output of a model, as v2 metadata shows it (-1 for a variable dimension)."""
+    """One input or output of a model, as v2 metadata shows it (-1 for a variable dimension).
+
+    ``optional`` inputs may be left out of a request (the model's metadata ``parameters`` list
+    them under ``optional_inputs``); ``value_range`` (inclusive) is checked by the server,
+    which refuses values outside it with a 400.
+    """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    optional: bool = False
+    value_range: tuple[float, float] | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -55,13 +75,17 @@ class ModelSpec:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
     def as_metadata(self) -> dict[str, Any]:
+        parameters: dict[str, Any] = {"max_batch_size": self.max_batch_size, **dict(self.parameters)}
+        optional = [spec.name for spec in self.inputs if spec.optional]
+        if optional:
+            parameters["optional_inputs"] = optional
         return {
             "name": self.name,
             "versions": ["1"],
             "platform": self.platform,
             "inputs": [spec.as_metadata() for spec in self.inputs],
             "outputs": [spec.as_metadata() for spec in self.outputs],
-            "parameters": {"max_batch_size": self.max_batch_size, **dict(self.parameters)},
+            "parameters": parameters,
         }
 
 

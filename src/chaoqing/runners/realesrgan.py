@@ -21,6 +21,11 @@ reaches a workable size; the padding is cropped from the output. An image larger
 pixels of real context around it that are cropped after, which bounds memory: ncnn's
 convolutions need about 3 KB (compact) and 50 KB (x4plus) per input pixel of a tile.
 
+A caller that cuts a photo into tiles itself (chaoqing's gateway) sends each tile with real
+pixels of context around it and the optional input ``edge_padding`` (INT32 [B,1], 0 to 10) set
+to 0: the 10 replicated pixels would only add computation on a tile's inner sides, and its
+context is better than a replica of its edge. The default, when the input is absent, is 10.
+
 Tiled and whole-image results agree when the context covers the network's receptive field.
 SRVGGNetCompact's is 18 pixels (18 3×3 convolutions; the input copy and the final resize are
 local), so its context of 20 makes tiling exact up to float rounding (measured: max abs
@@ -57,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ModelSpec, Runner, RunnerError, TensorSpec
+from .base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
 
 __all__ = [
     "EDGE_PADDING_PX",
@@ -79,6 +84,9 @@ OUTPUT_BLOB = "output"  # last layer's top blob in every bundled .param file
 # realesrgan-ncnn-vulkan (src/main.cpp): prepadding = 10 for every Real-ESRGAN model, filled
 # by replicating the image border (its preprocessing clamps coordinates into the image).
 EDGE_PADDING_PX = 10
+# A caller that sends its own context around a tile (the gateway) may ask for less, down to none,
+# never more: one_pass_size's memory bound counts on at most this much.
+MAX_EDGE_PADDING_PX = EDGE_PADDING_PX
 
 # Largest value an 8-bit channel takes; the networks work on [0, 1].
 UINT8_MAX = 255.0
@@ -243,7 +251,10 @@ class RealesrganRunner(Runner):
         self.spec = ModelSpec(
             name=model.name,
             platform="ncnn",
-            inputs=(TensorSpec("image", "UINT8", (-1, -1, -1, 3)),),
+            inputs=(
+                TensorSpec("image", "UINT8", (-1, -1, -1, 3)),
+                TensorSpec("edge_padding", "INT32", (-1, 1), optional=True, value_range=(0, MAX_EDGE_PADDING_PX)),
+            ),
             outputs=(TensorSpec("image", "UINT8", (-1, -1, -1, 3)),),
             max_batch_size=max_batch_size,
             parameters={
@@ -261,26 +272,32 @@ class RealesrganRunner(Runner):
 
         Raises RunnerError when the input is missing or malformed, or ncnn fails.
         """
-        images = inputs.get("image")
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            raise RunnerError("input 'image' must be a UINT8 array")
-        if images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape:
-            raise RunnerError(f"input 'image' must have shape [B,H,W,3], got {list(images.shape)}")
+        images = image_batch(inputs)
         batch_size, height, width, _ = images.shape
+        edges = inputs.get("edge_padding")
+        if edges is None:
+            edges = np.full((batch_size, 1), self.edge_padding, dtype=np.int32)
+        elif edges.shape != (batch_size, 1) or not np.issubdtype(edges.dtype, np.integer):
+            raise RunnerError(f"input 'edge_padding' must be integers of shape [{batch_size},1], got {list(edges.shape)}")
+        elif edges.min() < 0 or edges.max() > MAX_EDGE_PADDING_PX:
+            raise RunnerError(f"input 'edge_padding' must be from 0 to {MAX_EDGE_PADDING_PX} pixels")
         scale = self.model.scale
         upscaled = np.empty((batch_size, height * scale, width * scale, 3), dtype=np.uint8)
         for index in range(batch_size):
-            self._upscale_into(images[index], upscaled[index])
+            self._upscale_into(images[index], upscaled[index], int(edges[index, 0]))
         return {"image": upscaled}
 
     def close(self) -> None:
         """Free the network's weights and blobs."""
         self._net.clear()
 
-    def _upscale_into(self, image: np.ndarray, destination: np.ndarray) -> None:
-        """Upscale one HWC image tile by tile into ``destination`` (sH×sW×3, written in place)."""
+    def _upscale_into(self, image: np.ndarray, destination: np.ndarray, edge: int) -> None:
+        """Upscale one HWC image tile by tile into ``destination`` (sH×sW×3, written in place).
+
+        ``edge``: pixels of edge replication around the image (the inner tiles' context stays
+        ``tile_context``).
+        """
         height, width, _ = image.shape
-        edge = self.edge_padding
         context = self.tile_context
         scale = self.model.scale
         # Channels first, [0, 1], edges replicated: the one float copy of the image.

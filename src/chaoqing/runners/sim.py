@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
-from .base import ModelSpec, Runner, RunnerError, TensorSpec
+from .base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
 from .dlib_detector import (
     ALIGNMENT_TEMPLATE_512,
     detector_spec,
@@ -84,11 +84,7 @@ class SimUpscaler(Runner):
 
         Raises RunnerError when the input is missing or malformed.
         """
-        images = inputs.get("image")
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            raise RunnerError("input 'image' must be a UINT8 array")
-        if images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape:
-            raise RunnerError(f"input 'image' must have shape [B,H,W,3], got {list(images.shape)}")
+        images = image_batch(inputs)
         batch_size, height, width, _ = images.shape
         scale = self.scale
         upscaled = np.empty((batch_size, height * scale, width * scale, 3), dtype=np.uint8)
