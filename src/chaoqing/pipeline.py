@@ -380,7 +380,7 @@ def _try_face(
 def _enhance_face(
     request: _Request, face_model: RemoteModel, face: DetectedFace, template: npt.NDArray[np.float64], deadline: float
 ) -> FacePaste | None:
-    side = face_size_in_image(face.landmarks, template)
+    side = offload(face_size_in_image, face.landmarks, template)  # an LMEDS fit: ~0.6 ms, off the hub
     eye_distance = side * _TEMPLATE_EYE_DISTANCE_FRACTION
     if eye_distance < request.config.min_eye_distance_px:
         return None
