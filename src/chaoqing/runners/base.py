@@ -25,16 +25,18 @@ class RunnerError(Exception):
     """A runner cannot be built (missing weights, unusable device) or cannot compute."""
 
 
-def image_batch(inputs: Mapping[str, Any]) -> Any:
-    """``inputs["image"]`` checked to be UINT8 [B,H,W,3] with no empty dimension.
+def image_batch(inputs: Mapping[str, Any], batched: bool = True) -> Any:
+    """``inputs["image"]`` checked to be UINT8 [B,H,W,3] (``batched``) or [H,W,3], with no
+    empty dimension.
 
     Raises RunnerError otherwise.
     """
     images = inputs.get("image")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise RunnerError("input 'image' must be a UINT8 array")
-    if images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape:
-        raise RunnerError(f"input 'image' must have shape [B,H,W,3], got {list(images.shape)}")
+    if images.ndim != (4 if batched else 3) or images.shape[-1] != 3 or 0 in images.shape:
+        expected = "[B,H,W,3]" if batched else "[H,W,3]"
+        raise RunnerError(f"input 'image' must have shape {expected}, got {list(images.shape)}")
     return images
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ModelSpec, Runner, RunnerError, TensorSpec
+from .base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
 
 __all__ = [
     "ALIGNMENT_TEMPLATE_512",
@@ -124,11 +124,7 @@ def validate_image(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
 
     Raises RunnerError otherwise.
     """
-    image = inputs.get("image")
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise RunnerError("input 'image' must be a UINT8 array")
-    if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise RunnerError(f"input 'image' must have shape [H,W,3], got {list(image.shape)}")
+    image: np.ndarray = image_batch(inputs, batched=False)
     return image
 
 
