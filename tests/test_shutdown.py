@@ -22,26 +22,15 @@ import pytest
 import requests
 from PIL import Image
 
+from chaoqing.bench.overload import SIM_PRESETS_TOML
+
 pytestmark = pytest.mark.timeout(120)
 
 SIM_LATENCY_MS = 1500  # longer than gevent's own 1 s stop timeout, which must not cut the request off
 
 SIM_CONFIG = f"""
-detector = "sim-detector"
 request_deadline_s = 30
-
-[presets.fast]
-upscaler = "sim-upscale-x4"
-face_model = ""
-
-[presets.balanced]
-upscaler = "sim-upscale-x4"
-face_model = "sim-face"
-
-[presets.quality]
-upscaler = "sim-upscale-x4"
-face_model = "sim-face"
-
+{SIM_PRESETS_TOML}
 [model_server]
 sim_latency_ms = {SIM_LATENCY_MS}
 threads = 1

@@ -126,8 +126,10 @@ def stop_process(process: Any, grace_s: float = STOP_GRACE_S) -> None:
         process.stdout.close()
 
 
-def _launch(name: str, command: Sequence[str], environment: Mapping[str, str] | None = None) -> ChildProcess:
-    """Start ``command`` and wait for its first line with ``listening on URL``."""
+def _launch(name: str, command: Sequence[str], ready_path: str,
+            environment: Mapping[str, str] | None = None) -> ChildProcess:
+    """Start ``command``, wait for its first line with ``listening on URL``, then until
+    ``URL + ready_path`` answers 200; the child is stopped if either fails."""
     import gevent
     from gevent import subprocess
 
@@ -145,6 +147,11 @@ def _launch(name: str, command: Sequence[str], environment: Mapping[str, str] | 
         child.stop()
         raise BenchError(f"{name} did not start (exit code {process.poll()}): {line.strip() or 'no output'}")
     child.url = line.split(LISTENING_MARK, 1)[1].split()[0].rstrip("/")
+    try:
+        wait_until_ready(child.url + ready_path, process=process)
+    except BaseException:
+        child.stop()
+        raise
     return child
 
 
@@ -158,13 +165,7 @@ def start_model_server(models: Sequence[str], *, sim_latency_ms: float = 0.0, si
                "--max-batch-size", str(max_batch_size), "--threads", str(threads)]
     for model in models:
         command += ["--model", model]
-    child = _launch("model server " + ",".join(models), command)
-    try:
-        wait_until_ready(child.url + "/v2/health/ready", process=child.process)
-    except BaseException:
-        child.stop()
-        raise
-    return child
+    return _launch("model server " + ",".join(models), command, "/v2/health/ready")
 
 
 def start_gateway(config_path: Path, *, blocking_threshold_s: float = 0.01, log_level: str = "warning") -> ChildProcess:
@@ -173,13 +174,7 @@ def start_gateway(config_path: Path, *, blocking_threshold_s: float = 0.01, log_
     Raises BenchError when it does not start or its models are not ready."""
     command = [sys.executable, "-m", "chaoqing.bench.gateway_process", "--config", str(config_path),
                "--blocking-threshold-s", str(blocking_threshold_s), "--log-level", log_level]
-    child = _launch("gateway", command)
-    try:
-        wait_until_ready(child.url + "/readyz", process=child.process)
-    except BaseException:
-        child.stop()
-        raise
-    return child
+    return _launch("gateway", command, "/readyz")
 
 
 def wait_until_ready(url: str, timeout_s: float = READY_TIMEOUT_S, process: Any = None) -> None:

@@ -190,15 +190,11 @@ def _post(url: str, body: bytes, query: str, timeout_s: float) -> tuple[int, dic
         connection.close()
 
 
-def _server_timing(header: str) -> dict[str, float]:
-    stages: dict[str, float] = {}
-    for item in header.split(","):
-        name, _, parameters = item.strip().partition(";")
-        for parameter in parameters.split(";"):
-            key, _, value = parameter.partition("=")
-            if key.strip() == "dur":
-                stages[name.strip()] = round(float(value) / 1000, 3)
-    return stages
+def _server_timing_s(header: str) -> dict[str, float]:
+    """Server-Timing's stages in seconds."""
+    from .common import parse_server_timing
+
+    return {stage: round(milliseconds / 1000, 3) for stage, milliseconds in parse_server_timing(header).items()}
 
 
 def run_large(photo: Path | None, megapixels: float, scale: float, upscaler: str, endpoints: Sequence[str],
@@ -277,7 +273,7 @@ def run_large(photo: Path | None, megapixels: float, scale: float, upscaler: str
         "tiles": len(plan.tiles), "tile_shape": [tile_width, tile_height], "tiles_in_flight": in_flight,
         "latency_s": round(latency, 2),
         "input_megapixels_per_s": round(width * height / 1e6 / latency, 4),
-        "stages_s": _server_timing(headers.get("server-timing", "")),
+        "stages_s": _server_timing_s(headers.get("server-timing", "")),
         "gateway_rss_before_mib": _mib(rss_before),
         "gateway_rss_after_mib": _mib(rss_after),
         "gateway_peak_rss_mib": _mib(max(peak_after, sampled_peak)),
