@@ -408,21 +408,22 @@ def test_a_chunked_upload_within_the_limit_is_enhanced(start_sim_gateway: StartG
     assert Image.open(io.BytesIO(response.content)).size == (80, 60)
 
 
+def _trickle(connection: socket.socket, data: bytes, times: int) -> None:
+    """Send ``data`` every 0.1 s, ``times`` times, until the server closes the connection."""
+    try:
+        for _ in range(times):
+            connection.sendall(data)
+            gevent.sleep(0.1)
+    except OSError:
+        pass
+
+
 def test_a_slow_loris_body_gets_408_within_the_read_timeout(start_sim_gateway: StartGateway) -> None:
     gateway = start_sim_gateway(body_read_timeout_s=0.5)
     connection = _connect(gateway.url)
     started = time.monotonic()
     connection.sendall(_head("/v1/enhance", {"Content-Type": "image/png", "Content-Length": "10000"}))
-
-    def trickle() -> None:
-        try:
-            for _ in range(100):
-                connection.sendall(b"\0")
-                gevent.sleep(0.1)
-        except OSError:
-            pass
-
-    trickler = gevent.spawn(trickle)
+    trickler = gevent.spawn(_trickle, connection, b"\0", 100)
     response = _read_response(connection, started)
     assert response.status == 408 and response.json()["error"]["code"] == "request_timeout"
     assert 0.5 <= response.elapsed < 1.5
@@ -470,16 +471,7 @@ def test_idle_and_slow_header_connections_are_closed(start_sim_gateway: StartGat
     slow = _connect(gateway.url)
     started = time.monotonic()
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
-
-    def trickle() -> None:
-        try:
-            for _ in range(50):
-                slow.sendall(b"X-Slow: x\r\n")
-                gevent.sleep(0.1)
-        except OSError:
-            pass
-
-    trickler = gevent.spawn(trickle)
+    trickler = gevent.spawn(_trickle, slow, b"X-Slow: x\r\n", 50)
     response = _read_response(slow, started)
     assert response.status == 408 and response.elapsed < 2.0
     assert _closed_by_server(slow)
