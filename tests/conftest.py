@@ -18,13 +18,13 @@ import pytest  # noqa: E402
 
 from dataclasses import dataclass, field  # noqa: E402
 
-from chaoqing.batcher import BatchSettings  # noqa: E402
+from chaoqing.modelserver.batcher import BatchSettings  # noqa: E402
 from chaoqing.config import Config, Preset  # noqa: E402
-from chaoqing.metrics import GatewayMetrics  # noqa: E402
-from chaoqing.remote import RemoteModels  # noqa: E402
-from chaoqing.server import GatewayServer  # noqa: E402
-from chaoqing.modelserver import ModelServer, ModelServerOptions  # noqa: E402
-from chaoqing.runners import RunnerSettings  # noqa: E402
+from chaoqing.gateway.metrics import GatewayMetrics  # noqa: E402
+from chaoqing.gateway.remote import RemoteModels  # noqa: E402
+from chaoqing.gateway.server import GatewayServer  # noqa: E402
+from chaoqing.modelserver.app import ModelServer, ModelServerOptions  # noqa: E402
+from chaoqing.modelserver.runners import RunnerSettings  # noqa: E402
 
 
 @pytest.fixture

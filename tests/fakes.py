@@ -13,8 +13,8 @@ import gevent
 import numpy as np
 from gevent.pywsgi import WSGIServer
 
-from chaoqing import v2
-from chaoqing.listen import bound_port, create_listener
+from chaoqing.protocol import v2
+from chaoqing.protocol.listen import bound_port, create_listener
 
 __all__ = ["FakeV2Server", "BEHAVIOURS"]
 

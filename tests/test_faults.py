@@ -33,7 +33,7 @@ from gevent.pywsgi import WSGIServer
 from PIL import Image
 
 from chaoqing.config import RemoteSettings, TileSettings
-from chaoqing.listen import bound_port, create_listener
+from chaoqing.protocol.listen import bound_port, create_listener
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -21,9 +21,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from chaoqing import gateway, v2
+from chaoqing.gateway import app as gateway
+
+from chaoqing.protocol import v2
 from chaoqing.config import Limits
-from chaoqing.decode import check_media_type, decode_image
+from chaoqing.gateway.stages.decode import check_media_type, decode_image
 from chaoqing.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -31,14 +33,14 @@ from chaoqing.errors import (
     InvalidTensorRequest,
     UnsupportedMediaType,
 )
-from chaoqing.modelserver import (
+from chaoqing.modelserver.app import (
     ModelServerApp,
     ModelServerOptions,
     _Metrics,
     _Model,
     validate_inputs,
 )
-from chaoqing.runners import RunnerSettings, create_runner
+from chaoqing.modelserver.runners import RunnerSettings, create_runner
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from chaoqing.config import Limits, RemoteSettings, TileSettings
-from chaoqing.runners.sim import FACE_MARK_LEVELS
+from chaoqing.modelserver.runners.sim import FACE_MARK_LEVELS
 from conftest import SimGateway, SwitchWatch
 from fakes import FakeV2Server
 

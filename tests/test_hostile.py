@@ -24,9 +24,9 @@ import requests
 from conftest import SimGateway
 from PIL import Image
 
-from chaoqing import v2
+from chaoqing.protocol import v2
 from chaoqing.config import Limits
-from chaoqing.modelserver import ModelServer
+from chaoqing.modelserver.app import ModelServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -460,10 +460,10 @@ IMPORT_CHECK = """
 import pickle, sys
 from gevent import monkey
 monkey.patch_all()
-import chaoqing.pipeline
+import chaoqing.gateway.pipeline
 from chaoqing.config import Limits
-from chaoqing.decode import decode_image
-from chaoqing.encode import encode_image
+from chaoqing.gateway.stages.decode import decode_image
+from chaoqing.gateway.stages.encode import encode_image
 with open(sys.argv[1], "rb") as file:
     bodies = pickle.load(file)
 loaded = set(sys.modules)

@@ -182,8 +182,8 @@ HUB_WATCH_SCRIPT = textwrap.dedent("""
     import gevent
     from gevent.monkey import get_original
     from chaoqing.logs import configure_logging
-    from chaoqing.metrics import GatewayMetrics
-    from chaoqing.server import start_hub_watch
+    from chaoqing.gateway.metrics import GatewayMetrics
+    from chaoqing.gateway.server import start_hub_watch
 
     configure_logging("info", "json")
     metrics = GatewayMetrics()
@@ -279,7 +279,7 @@ def test_one_json_access_line_per_request_with_id_status_stages_faces_and_bytes(
 
 def _record(message: str, level: int = logging.INFO, fields: dict[str, Any] | None = None,
             exc_info: Any = None) -> logging.LogRecord:
-    record = logging.LogRecord("chaoqing.gateway", level, __file__, 1, message, (), exc_info)
+    record = logging.LogRecord("chaoqing.gateway.app", level, __file__, 1, message, (), exc_info)
     if fields is not None:
         record.fields = fields
     return record
@@ -305,8 +305,8 @@ LOGGING_SCRIPT = textwrap.dedent("""
     from chaoqing.logs import configure_logging
     configure_logging(sys.argv[1], sys.argv[2])
     logging.getLogger("chaoqing.access").info("POST /v1/enhance 200", extra={"fields": {"status": 200}})
-    logging.getLogger("chaoqing.gateway").warning("careful")
-    logging.getLogger("chaoqing.gateway").debug("details")
+    logging.getLogger("chaoqing.gateway.app").warning("careful")
+    logging.getLogger("chaoqing.gateway.app").debug("details")
 """)
 
 

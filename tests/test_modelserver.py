@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import requests
 
-from chaoqing import v2
+from chaoqing.protocol import v2
 from chaoqing.config import RemoteSettings
 from chaoqing.errors import InvalidTensorRequest, ModelServerError, ModelUnavailable
-from chaoqing.modelserver import ModelServer, validate_inputs
-from chaoqing.remote import RemoteModel
-from chaoqing.runners import RunnerSettings, create_runner
-from chaoqing.runners.base import ModelSpec, Runner, RunnerError, TensorSpec
+from chaoqing.modelserver.app import ModelServer, validate_inputs
+from chaoqing.gateway.remote import RemoteModel
+from chaoqing.modelserver.runners import RunnerSettings, create_runner
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import skimage.data
 
-from chaoqing.runners import Runner, RunnerError, RunnerSettings, available_models, create_runner
-from chaoqing.runners.dlib_detector import ALIGNMENT_TEMPLATE_512, LANDMARK_POINTS
-from chaoqing.runners.sim import FACE_MARK_LEVELS
+from chaoqing.modelserver.runners import Runner, RunnerError, RunnerSettings, available_models, create_runner
+from chaoqing.modelserver.runners.dlib_detector import ALIGNMENT_TEMPLATE_512, LANDMARK_POINTS
+from chaoqing.modelserver.runners.sim import FACE_MARK_LEVELS
 
 COMPACT_X2 = "realesr-animevideov3-x2"
 COMPACT_X3 = "realesr-animevideov3-x3"
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
 
-# Tiled vs whole-image results, measured (see chaoqing.runners.realesrgan):
+# Tiled vs whole-image results, measured (see chaoqing.modelserver.runners.realesrgan):
 # compact models with 20 px of context: max abs difference 1 level (float rounding), mean ~0
 # (10 px of context, realesrgan-ncnn-vulkan's: max 6);
 COMPACT_TILING_MAX_DIFFERENCE = 1
@@ -110,7 +110,7 @@ def assert_landmarks_inside_boxes(outputs: dict[str, np.ndarray]) -> None:
 @pytest.mark.timeout(30)
 def test_importing_the_registry_loads_no_model_runtime() -> None:
     code = (
-        "import sys, chaoqing.runners as runners; runners.available_models(); "
+        "import sys, chaoqing.modelserver.runners as runners; runners.available_models(); "
         "assert not {'ncnn', 'dlib', 'cv2'} & set(sys.modules), sys.modules.keys()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=25)

@@ -23,11 +23,11 @@ from conftest import SimGateway, run_cli
 from PIL import Image
 
 from chaoqing import batch
-from chaoqing import gateway as gateway_module
+from chaoqing.gateway import app as gateway_module
 from chaoqing.batch import _write_atomically, plan_outputs
 from chaoqing.config import Limits, load_config
-from chaoqing.listen import bound_port, create_listener
-from chaoqing.modelserver import ModelServer
+from chaoqing.protocol.listen import bound_port, create_listener
+from chaoqing.modelserver.app import ModelServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -333,7 +333,7 @@ def test_unexpected_errors_are_500_without_internals(
         raise RuntimeError("secret detail at /srv/chaoqing/internal.py")
 
     monkeypatch.setattr(gateway_module, "enhance_photo", broken)
-    with caplog.at_level(logging.ERROR, logger="chaoqing.gateway"):
+    with caplog.at_level(logging.ERROR, logger="chaoqing.gateway.app"):
         response = _post(gateway, _png())
     assert response.status_code == 500
     assert response.json() == {"error": {"code": "internal_error", "message": "internal server error"}}
@@ -458,7 +458,7 @@ def test_the_model_server_refuses_a_2gb_body_without_reading_it(start_model_serv
 
 
 def test_idle_and_slow_header_connections_are_closed(start_sim_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch) -> None:
-    from chaoqing.listen import QuietHandler
+    from chaoqing.protocol.listen import QuietHandler
 
     monkeypatch.setattr(QuietHandler, "request_head_timeout_s", 0.5)
     gateway = start_sim_gateway()

@@ -26,14 +26,14 @@ import skimage.data
 from PIL import Image
 
 from chaoqing.config import Config, Preset, TileSettings
-from chaoqing.metrics import GatewayMetrics
-from chaoqing.modelserver import ModelServer
-from chaoqing.pipeline import offload
-from chaoqing.remote import ModelMetadata, RemoteModels
-from chaoqing.resize import resize_image
-from chaoqing.server import GatewayServer
-from chaoqing.tiling import FINISH_BAND_BYTES, TileCanvas, TilePlan, plan_tiles, tile_window, window_core
-from chaoqing.upscale import TileGeometry, tile_geometry_for, upscale_image
+from chaoqing.gateway.metrics import GatewayMetrics
+from chaoqing.modelserver.app import ModelServer
+from chaoqing.gateway.pipeline import offload
+from chaoqing.gateway.remote import ModelMetadata, RemoteModels
+from chaoqing.gateway.stages.resize import resize_image
+from chaoqing.gateway.server import GatewayServer
+from chaoqing.gateway.stages.tiling import FINISH_BAND_BYTES, TileCanvas, TilePlan, plan_tiles, tile_window, window_core
+from chaoqing.gateway.stages.upscale import TileGeometry, tile_geometry_for, upscale_image
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from chaoqing import v2
+from chaoqing.protocol import v2
 
 pytestmark = pytest.mark.timeout(30)
 

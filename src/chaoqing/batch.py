@@ -26,8 +26,8 @@ import gevent
 from gevent.lock import BoundedSemaphore
 from tqdm import tqdm
 
-from .config import Config
-from .errors import ChaoqingError, ImageTooLarge
+from chaoqing.config import Config
+from chaoqing.errors import ChaoqingError, ImageTooLarge
 
 __all__ = ["PlannedPhoto", "BatchJob", "BatchSummary", "PhotoOutcome", "plan_outputs", "run_batch", "IMAGE_SUFFIXES"]
 
@@ -183,8 +183,8 @@ class _LocalRunner:
     """Photos through the pipeline in this process, against embedded or configured model servers."""
 
     def __init__(self, job: BatchJob) -> None:
-        from .pipeline import PipelineServices, quiet_expected_errors
-        from .server import open_models, wait_until_ready
+        from chaoqing.gateway.pipeline import PipelineServices, quiet_expected_errors
+        from chaoqing.gateway.server import open_models, wait_until_ready
 
         quiet_expected_errors()
         models = _models_for(job)
@@ -198,7 +198,7 @@ class _LocalRunner:
         self.job = job
 
     def enhance(self, data: bytes) -> tuple[bytes, str, int, int, int, int]:
-        from .pipeline import EnhanceOptions, enhance_photo
+        from chaoqing.gateway.pipeline import EnhanceOptions, enhance_photo
 
         job = self.job
         options = EnhanceOptions(job.scale, job.faces, job.preset, job.output_format, job.quality)

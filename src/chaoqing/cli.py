@@ -30,7 +30,7 @@ def main() -> None:
 
 
 def _setup_logging(level: str, log_format: str = "auto") -> None:
-    from .logs import configure_logging
+    from chaoqing.logs import configure_logging
 
     configure_logging(level, log_format)
 
@@ -95,9 +95,9 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
     # cores that spinning steals their CPU (measured here: compact x4 4.9 → 3.5 s and x4plus
     # 17 → 9.5 s when both run at once). Read by libgomp when ncnn loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from .batcher import BatchSettings
-    from .modelserver import ModelServer, ModelServerOptions
-    from .runners import RunnerSettings, available_models
+    from chaoqing.modelserver.batcher import BatchSettings
+    from chaoqing.modelserver.app import ModelServer, ModelServerOptions
+    from chaoqing.modelserver.runners import RunnerSettings, available_models
 
     unknown = [name for name in models if name not in available_models()]
     if unknown:
@@ -144,11 +144,11 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
     Without model endpoints in the config, starts a model-server child process per model
     (restarted if it crashes). Ctrl-C drains in-flight requests; a second Ctrl-C exits at once.
     """
-    from .config import ConfigError, load_config
-    from .metrics import GatewayMetrics
-    from .pipeline import return_freed_memory_promptly
-    from .server import GatewayServer, ModelsNotReady, open_models, wait_until_ready
-    from .supervisor import SupervisorError
+    from chaoqing.config import ConfigError, load_config
+    from chaoqing.gateway.metrics import GatewayMetrics
+    from chaoqing.gateway.pipeline import return_freed_memory_promptly
+    from chaoqing.gateway.server import GatewayServer, ModelsNotReady, open_models, wait_until_ready
+    from chaoqing.gateway.supervisor import SupervisorError
 
     try:
         config = load_config(config_path, overrides={
@@ -219,8 +219,8 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     failure is named.
     """
     _setup_logging(log_level, "text")
-    from .batch import BatchJob, plan_outputs, run_batch
-    from .config import ConfigError, load_config
+    from chaoqing.batch import BatchJob, plan_outputs, run_batch
+    from chaoqing.config import ConfigError, load_config
 
     try:
         config = load_config(config_path, overrides={"preset": preset, "scale": scale})
@@ -249,7 +249,7 @@ def doctor(config_path: str | None, as_json: bool) -> None:
 
     Prints an OK / MISSING table; exits with status 1 when something essential is missing.
     """
-    from .doctor import exit_status, format_report, report_json, run_checks
+    from chaoqing.doctor import exit_status, format_report, report_json, run_checks
 
     checks = run_checks(config_path)
     click.echo(report_json(checks) if as_json else format_report(checks, click.style))
@@ -279,7 +279,7 @@ def _run_until_signalled(serve: Any, stop: Any, grace_s: float = 10.0) -> None:
 
 
 def _register_subcommand_groups() -> None:
-    from .bench import bench
+    from chaoqing.bench import bench
 
     cli.add_command(bench)
 

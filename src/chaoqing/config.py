@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ChaoqingError
+from chaoqing.errors import ChaoqingError
 
 __all__ = [
     "ConfigError",

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import Config
+    from chaoqing.config import Config
 
 __all__ = ["Check", "run_checks", "format_report", "report_json", "exit_status", "probe_vulkan_gpus"]
 
@@ -173,8 +173,8 @@ def check_python() -> Check:
 def check_realesrgan_models(folder: Path | None = None) -> list[Check]:
     """One line per bundled Real-ESRGAN model: its ``.param`` and ``.bin`` with sizes."""
     try:
-        from .runners import RunnerError
-        from .runners.realesrgan import MODELS, find_model_folder
+        from chaoqing.modelserver.runners import RunnerError
+        from chaoqing.modelserver.runners.realesrgan import MODELS, find_model_folder
     except ImportError as exc:
         return [Check("models", "Real-ESRGAN files", MISSING, f"cannot look for them: {exc}")]
     if folder is None:
@@ -211,7 +211,7 @@ def servable_models(checks: Sequence[Check]) -> Check:
     """Which model names ``chaoqing model-server`` can serve, given the checks above."""
     status = {check.name: check.status for check in checks}
     try:
-        from .runners.realesrgan import MODELS
+        from chaoqing.modelserver.runners.realesrgan import MODELS
     except ImportError as exc:
         return Check("models", "models servable", MISSING, f"unknown: {exc}")
     servable = []
@@ -318,7 +318,7 @@ def check_endpoints(config: Config) -> list[Check]:
     """Each configured model endpoint's v2 readiness, asked through the gateway's own client."""
     if not config.endpoints:
         return []
-    from .remote import RemoteModels
+    from chaoqing.gateway.remote import RemoteModels
 
     try:
         remotes = RemoteModels.from_config(config)
@@ -340,7 +340,7 @@ def check_endpoints(config: Config) -> list[Check]:
 
 def run_checks(config_path: str | None = None) -> list[Check]:
     """Every check, in report order. Never raises for what it finds; the report says it."""
-    from .config import ConfigError, load_config
+    from chaoqing.config import ConfigError, load_config
 
     checks = [check_python()]
     checks += [check_package(requirement) for requirement in GATEWAY_PACKAGES]
@@ -386,7 +386,7 @@ def format_report(checks: Sequence[Check], style: Callable[..., str] | None = No
     def paint(text: str, **options: object) -> str:
         return style(text, **options) if style else text
 
-    from . import __version__
+    from chaoqing import __version__
 
     width = max(len(check.name) for check in checks)
     lines = [paint(f"chaoqing {__version__} doctor", bold=True)

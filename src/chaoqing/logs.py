@@ -42,7 +42,7 @@ def _text_value(value: Any) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``12:00:01 info  chaoqing.gateway  message  key=value ...``"""
+    """``12:00:01 info  chaoqing.gateway.app  message  key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 
-from .config import ConfigError, load_config
-from .gateway import create_app
-from .metrics import GatewayMetrics
-from .pipeline import quiet_expected_errors
-from .remote import RemoteModels
-from .server import start_hub_watch
+from chaoqing.config import ConfigError, load_config
+from chaoqing.gateway.app import create_app
+from chaoqing.gateway.metrics import GatewayMetrics
+from chaoqing.gateway.pipeline import quiet_expected_errors
+from chaoqing.gateway.remote import RemoteModels
+from chaoqing.gateway.server import start_hub_watch
 
 __all__ = ["app", "build_app"]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import click
 
-from .fanout import fanout
-from .large import large, seams
-from .load import load
-from .models import models
-from .overhead import overhead
-from .overload import overload
-from .soak import soak
+from chaoqing.bench.fanout import fanout
+from chaoqing.bench.large import large, seams
+from chaoqing.bench.load import load
+from chaoqing.bench.models import models
+from chaoqing.bench.overhead import overhead
+from chaoqing.bench.overload import overload
+from chaoqing.bench.soak import soak
 
 __all__ = ["bench"]
 

@@ -6,7 +6,7 @@ process. One request at a time, three ways, interleaved round by round so that t
 a shared machine falls on all three alike:
 
 - **concurrent, through HTTP**: POST /v1/enhance to the gateway process (the figure judged);
-- **concurrent, in process**: :func:`chaoqing.pipeline.enhance_photo` called here, on the
+- **concurrent, in process**: :func:`chaoqing.gateway.pipeline.enhance_photo` called here, on the
   same model servers (the gateway's HTTP layer and the upload/download are the difference);
 - **sequential, in process**: the same pipeline with ``EnhanceOptions(sequential=True)``,
   stage after stage and face after face, the way the GFPGAN / Real-ESRGAN tools work.
@@ -49,7 +49,7 @@ COLUMNS = [
 
 
 def _median(values: list[float]) -> float:
-    from .common import summarize
+    from chaoqing.bench.common import summarize
 
     return summarize(values)["p50"]
 
@@ -59,11 +59,11 @@ class _Trial:
     same model servers."""
 
     def __init__(self, faces: int, photo: bytes, path: str, scale: float, gateway_url: str, config_path: Path) -> None:
-        from ..config import load_config
-        from ..metrics import GatewayMetrics
-        from ..pipeline import PipelineServices
-        from ..remote import RemoteModels
-        from .common import HttpConnection
+        from chaoqing.config import load_config
+        from chaoqing.gateway.metrics import GatewayMetrics
+        from chaoqing.gateway.pipeline import PipelineServices
+        from chaoqing.gateway.remote import RemoteModels
+        from chaoqing.bench.common import HttpConnection
 
         self.faces = faces
         self.photo = photo
@@ -77,7 +77,7 @@ class _Trial:
 
     def over_http(self) -> tuple[float, dict[str, float]]:
         """One request to the gateway: milliseconds, and its Server-Timing stages."""
-        from .common import BenchError, parse_server_timing
+        from chaoqing.bench.common import BenchError, parse_server_timing
 
         sent = time.perf_counter()
         reply = self.connection.request("POST", self.path, self.photo, {"Content-Type": "image/jpeg"})
@@ -91,8 +91,8 @@ class _Trial:
 
     def in_process(self, sequential: bool) -> float:
         """The same photo through :func:`enhance_photo` here: milliseconds."""
-        from ..pipeline import EnhanceOptions, enhance_photo
-        from .common import BenchError
+        from chaoqing.gateway.pipeline import EnhanceOptions, enhance_photo
+        from chaoqing.bench.common import BenchError
 
         options = EnhanceOptions(scale=self.scale, preset=PRESET, sequential=sequential)
         sent = time.perf_counter()
@@ -114,8 +114,8 @@ def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, f
 
     import gevent
 
-    from ..pipeline import quiet_expected_errors
-    from .common import (
+    from chaoqing.gateway.pipeline import quiet_expected_errors
+    from chaoqing.bench.common import (
         encode_photo,
         raise_open_file_limit,
         start_gateway,
@@ -181,7 +181,7 @@ def _measure(trial: _Trial, requests: int, sequential_requests: int, upscale_ms:
 
 def _row(faces: int, latencies: list[float], stage_samples: list[dict[str, float]], in_process: list[float],
          sequential: list[float], upscale_ms: float, detect_ms: float, face_ms: float) -> dict[str, Any]:
-    from .common import summarize
+    from chaoqing.bench.common import summarize
 
     stages = {name: _median([sample.get(name, 0.0) for sample in stage_samples])
               for name in ("decode", "upscale", "detect", "faces", "composite", "encode", "total")}
@@ -212,7 +212,7 @@ def _row(faces: int, latencies: list[float], stage_samples: list[dict[str, float
 
 def plot_fanout(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Latency against the number of faces: concurrent (p50, p95), sequential, critical path."""
-    from .common import load_pyplot
+    from chaoqing.bench.common import load_pyplot
 
     pyplot = load_pyplot()
     faces = [row["faces"] for row in rows]
@@ -254,7 +254,7 @@ def plot_fanout(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def fanout(faces_text: str, upscale_ms: float, detect_ms: float, face_ms: float, requests: int,
            sequential_requests: int, width: int, height: int, scale: float, as_json: bool, plot_path: Path | None) -> None:
     """Concurrent fan-out against the critical path and the sequential way (sim models)."""
-    from .common import BenchError, Report, Target, command_line, report
+    from chaoqing.bench.common import BenchError, Report, Target, command_line, report
 
     try:
         face_counts = sorted({int(item) for item in faces_text.split(",") if item.strip()})
@@ -263,7 +263,7 @@ def fanout(faces_text: str, upscale_ms: float, detect_ms: float, face_ms: float,
     if not face_counts or min(face_counts) < 0:
         raise click.BadParameter("give at least one number of faces, none negative", param_hint="--faces")
     if plot_path is not None:
-        from .common import load_pyplot
+        from chaoqing.bench.common import load_pyplot
 
         load_pyplot()  # fail before measuring, not after
     try:

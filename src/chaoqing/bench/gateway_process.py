@@ -1,6 +1,6 @@
 """``python -m chaoqing.bench.gateway_process --config FILE``: one gateway process to measure.
 
-What ``chaoqing serve`` runs — :class:`chaoqing.server.GatewayServer` with ``watch_hub=True``,
+What ``chaoqing serve`` runs — :class:`chaoqing.gateway.server.GatewayServer` with ``watch_hub=True``,
 so gevent's monitor thread reports a blocked hub as ``chaoqing_hub_blocked_*`` metrics — for
 a configuration that names every model endpoint (the bench starts the model servers itself,
 as separate processes). Two additions, for benchmarks only:
@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import gevent
 
-    from ..config import ConfigError, load_config
-    from ..logs import configure_logging
-    from ..metrics import GatewayMetrics
-    from ..remote import RemoteModels
-    from ..server import GatewayServer
+    from chaoqing.config import ConfigError, load_config
+    from chaoqing.logs import configure_logging
+    from chaoqing.gateway.metrics import GatewayMetrics
+    from chaoqing.gateway.remote import RemoteModels
+    from chaoqing.gateway.server import GatewayServer
 
     configure_logging(arguments.log_level, "text")
     try:

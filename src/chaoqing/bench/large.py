@@ -14,8 +14,8 @@ processes and are not counted.
 scikit-image's astronaut (or ``--photo``): PSNR, largest difference, and the mean absolute
 step between neighbouring output pixels across the tile seams, tiled against untiled at the
 same columns and rows. It runs the runner in this process and stitches with the gateway's
-own code (:mod:`chaoqing.tiling`, the same plan, resampling and canvas as
-:func:`chaoqing.upscale.upscale_image`); the whole-image reference is one untiled pass of
+own code (:mod:`chaoqing.gateway.stages.tiling`, the same plan, resampling and canvas as
+:func:`chaoqing.gateway.stages.upscale.upscale_image`); the whole-image reference is one untiled pass of
 the network (the runner's own tile size raised to the image's size), so it measures what
 tiling costs, the runner's internal tiles included.
 
@@ -41,7 +41,7 @@ from typing import Any
 
 import click
 
-from ..config import TileSettings
+from chaoqing.config import TileSettings
 
 __all__ = ["large", "mean_step_across", "mirrored_photo", "psnr", "run_large", "run_seams", "seams"]
 
@@ -142,7 +142,7 @@ class _Service:
 
     def stop(self) -> None:
         """SIGTERM (the gateway drains and stops its model servers), SIGKILL after a while."""
-        from .common import stop_process
+        from chaoqing.bench.common import stop_process
 
         stop_process(self.process, STOP_GRACE_S)
 
@@ -192,7 +192,7 @@ def _post(url: str, body: bytes, query: str, timeout_s: float) -> tuple[int, dic
 
 def _server_timing_s(header: str) -> dict[str, float]:
     """Server-Timing's stages in seconds."""
-    from .common import parse_server_timing
+    from chaoqing.bench.common import parse_server_timing
 
     return {stage: round(milliseconds / 1000, 3) for stage, milliseconds in parse_server_timing(header).items()}
 
@@ -206,8 +206,8 @@ def run_large(photo: Path | None, megapixels: float, scale: float, upscaler: str
     import numpy as np
     import psutil
 
-    from ..config import TileSettings
-    from ..tiling import plan_tiles
+    from chaoqing.config import TileSettings
+    from chaoqing.gateway.stages.tiling import plan_tiles
 
     source = _source_photo(photo)
     rgb = mirrored_photo(source, megapixels) if megapixels > 0 else source
@@ -295,7 +295,7 @@ def _decimate(timeline: Sequence[tuple[float, float]], points: int) -> list[tupl
 
 def _published_tile_size(upscaler: str) -> int:
     """The tile size the runner publishes (the gateway lowers its tiles to it)."""
-    from ..runners.realesrgan import MODELS, one_pass_size
+    from chaoqing.modelserver.runners.realesrgan import MODELS, one_pass_size
 
     model = MODELS.get(upscaler)
     return one_pass_size(model.default_tile_size, model.tile_context) if model else 1 << 30
@@ -357,10 +357,10 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
     """Tiled against whole for one model; the numbers as a dict. Raises RunnerError."""
     import numpy as np
 
-    from ..resize import resize_image
-    from ..runners import RunnerSettings, create_runner
-    from ..tiling import TileCanvas, plan_tiles, tile_window, window_core
-    from ..upscale import EDGE_PADDING_INPUT, geometry_from_parameters
+    from chaoqing.gateway.stages.resize import resize_image
+    from chaoqing.modelserver.runners import RunnerSettings, create_runner
+    from chaoqing.gateway.stages.tiling import TileCanvas, plan_tiles, tile_window, window_core
+    from chaoqing.gateway.stages.upscale import EDGE_PADDING_INPUT, geometry_from_parameters
 
     source = _source_photo(photo)
     image = np.ascontiguousarray(source[:size, :size])
@@ -432,7 +432,7 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
 def seams(model_name: str, photo: Path | None, size: int, scale: float, tile_size: int, overlap: int, margin: int,
           context: bool, threads: int, as_json: bool) -> None:
     """Tiled against whole-image output: PSNR and the steps across tile seams."""
-    from ..runners import RunnerError
+    from chaoqing.modelserver.runners import RunnerError
 
     try:
         result = run_seams(model_name, photo, size, scale, tile_size, overlap, margin, threads, context)

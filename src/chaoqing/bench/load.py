@@ -101,7 +101,7 @@ class _Server:
 def _start_gunicorn(config_path: Path, workers: int) -> Any:
     from gevent import subprocess
 
-    from .common import BenchError, ChildProcess, die_with_parent, free_port, wait_until_ready
+    from chaoqing.bench.common import BenchError, ChildProcess, die_with_parent, free_port, wait_until_ready
 
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--bind", f"127.0.0.1:{port}",
@@ -133,7 +133,7 @@ def _metrics_value(text: str, name: str) -> float:
 
 
 def _hub_where(text: str) -> str:
-    from .gateway_process import LONGEST_HOLD_METRIC
+    from chaoqing.bench.gateway_process import LONGEST_HOLD_METRIC
 
     for line in text.splitlines():
         if line.startswith(LONGEST_HOLD_METRIC + "{"):
@@ -144,7 +144,7 @@ def _hub_where(text: str) -> str:
 def _scrape(url: str) -> str:
     from urllib.parse import urlsplit
 
-    from .common import HttpConnection
+    from chaoqing.bench.common import HttpConnection
 
     parts = urlsplit(url)
     connection = HttpConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout_s=10.0)
@@ -158,7 +158,7 @@ def _run_generator(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Run :mod:`chaoqing.bench.loadgen` in a process of its own; its JSON result."""
     from gevent import subprocess
 
-    from .common import BenchError
+    from chaoqing.bench.common import BenchError
 
     spec_path = directory / "loadgen.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -176,7 +176,7 @@ def _phase(start_server: Callable[[], _Server], kind: str, phase: str, clients: 
     import signal
     from urllib.parse import urlsplit
 
-    from .common import HttpConnection, peak_rss_bytes, summarize
+    from chaoqing.bench.common import HttpConnection, peak_rss_bytes, summarize
 
     server = start_server()
     try:
@@ -216,7 +216,7 @@ def _phase(start_server: Callable[[], _Server], kind: str, phase: str, clients: 
         "longest_hub_hold_ms": float("nan"), "longest_hub_hold_cpu_ms": float("nan"), "hub_blocked_reports": None,
     }
     if kind == "gateway":
-        from .gateway_process import LONGEST_HOLD_CPU_METRIC, LONGEST_HOLD_METRIC
+        from chaoqing.bench.gateway_process import LONGEST_HOLD_CPU_METRIC, LONGEST_HOLD_METRIC
 
         row["longest_hub_hold_ms"] = _metrics_value(after_text, LONGEST_HOLD_METRIC) * 1000.0
         row["longest_hub_hold_cpu_ms"] = _metrics_value(after_text, LONGEST_HOLD_CPU_METRIC) * 1000.0
@@ -234,7 +234,7 @@ def run_load_bench(*, targets: list[str], client_levels: list[int], sweep: list[
     """Every phase for every target; returns rows and the figures the targets use."""
     from contextlib import ExitStack
 
-    from .common import (
+    from chaoqing.bench.common import (
         encode_photo,
         raise_open_file_limit,
         start_gateway,
@@ -301,7 +301,7 @@ def _sweep_points(rows: list[dict[str, Any]], most_clients: int) -> list[dict[st
 def plot_load(rows: list[dict[str, Any]], most_clients: int, single_p50: float, saturation: float, path: Path,
               title: str) -> None:
     """Latency percentiles (p50, p95, p99) of the gateway process against offered load."""
-    from .common import load_pyplot
+    from chaoqing.bench.common import load_pyplot
 
     pyplot = load_pyplot()
     points = _sweep_points(rows, most_clients)
@@ -374,7 +374,7 @@ def load(clients_text: str, offered_fraction: float, sweep_text: str, duration_s
          scale: float, faces: int, upscale_ms: float, detect_ms: float, face_ms: float, blocking_threshold_ms: float,
          as_json: bool, plot_path: Path | None) -> None:
     """Throughput and tail latency under 10…1000 clients: one gateway process vs gunicorn."""
-    from .common import BenchError, Report, Target, command_line, report
+    from chaoqing.bench.common import BenchError, Report, Target, command_line, report
 
     client_levels = sorted({int(value) for value in _floats(clients_text, "--clients")})
     sweep = sorted(set(_floats(sweep_text, "--sweep")))
@@ -383,7 +383,7 @@ def load(clients_text: str, offered_fraction: float, sweep_text: str, duration_s
         raise click.BadParameter("use gateway, gunicorn or both", param_hint="--targets")
     targets.sort(key=["gateway", "gunicorn"].index)  # the gateway's saturation rate sets the levels
     if plot_path is not None:
-        from .common import load_pyplot
+        from chaoqing.bench.common import load_pyplot
 
         load_pyplot()
 

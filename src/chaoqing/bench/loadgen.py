@@ -39,7 +39,7 @@ def run_load(spec: dict[str, Any]) -> dict[str, Any]:
     import gevent
     from gevent.pool import Group
 
-    from .common import HttpConnection
+    from chaoqing.bench.common import HttpConnection
 
     body = Path(spec["body_path"]).read_bytes()
     headers = {"Content-Type": spec.get("content_type", "application/octet-stream")}
@@ -100,7 +100,7 @@ def main() -> None:
     from gevent import monkey
 
     monkey.patch_all()
-    from .common import raise_open_file_limit
+    from chaoqing.bench.common import raise_open_file_limit
 
     raise_open_file_limit()
     spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))

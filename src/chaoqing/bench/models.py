@@ -99,10 +99,10 @@ def run_models(photos_path: Path, megapixels: float, presets: list[str], threads
 
     import numpy as np
 
-    from ..config import Config, RemoteSettings
-    from ..remote import RemoteModels
-    from ..runners import RunnerSettings, create_runner
-    from .common import (
+    from chaoqing.config import Config, RemoteSettings
+    from chaoqing.gateway.remote import RemoteModels
+    from chaoqing.modelserver.runners import RunnerSettings, create_runner
+    from chaoqing.bench.common import (
         BenchError,
         HttpConnection,
         encode_photo,
@@ -266,7 +266,7 @@ def _config_toml(config: Any) -> str:
 def models(photos_path: Path | None, megapixels: float, presets_text: str, threads: int, rounds: int,
            as_json: bool) -> None:
     """MP/s of the bundled models: directly, through a model server, end to end."""
-    from .common import BenchError, Report, Target, command_line, report
+    from chaoqing.bench.common import BenchError, Report, Target, command_line, report
 
     presets = [item.strip() for item in presets_text.split(",") if item.strip()]
     if not presets or set(presets) - set(PRESET_MODELS):

@@ -32,7 +32,7 @@ from typing import Any
 
 import click
 
-from .overload import (
+from chaoqing.bench.overload import (
     Client,
     GatewayProcess,
     Reply,

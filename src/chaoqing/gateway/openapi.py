@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
-from .config import Config
+from chaoqing import __version__
+from chaoqing.config import Config
 
 __all__ = ["openapi_document", "ERROR_CODES"]
 

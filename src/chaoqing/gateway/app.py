@@ -1,4 +1,4 @@
-"""The gateway's HTTP API: a Falcon WSGI app in front of :mod:`chaoqing.pipeline`.
+"""The gateway's HTTP API: a Falcon WSGI app in front of :mod:`chaoqing.gateway.pipeline`.
 
 Routes::
 
@@ -13,7 +13,7 @@ Errors are ``{"error": {"code": ..., "message": ...}}`` with the status from the
 :mod:`chaoqing.errors`. Client faults are logged as one line; server faults as a traceback,
 through :meth:`Gateway.handle_unexpected`, and never shown to the client.
 
-Run it with :func:`chaoqing.server.serve_gateway` (gevent's WSGIServer) or under gunicorn
+Run it with :func:`chaoqing.gateway.server.serve_gateway` (gevent's WSGIServer) or under gunicorn
 (``gunicorn -k gevent 'chaoqing.wsgi:app'``); either way the process is monkey-patched.
 """
 
@@ -33,8 +33,8 @@ from typing import Any
 import falcon
 import gevent
 
-from .config import Config
-from .errors import (
+from chaoqing.config import Config
+from chaoqing.errors import (
     ChaoqingError,
     ImageTooLarge,
     InvalidParameter,
@@ -45,15 +45,15 @@ from .errors import (
     http_error_for,
     retry_after_for,
 )
-from .listen import BODY_READ_KEY
-from .metrics import GatewayMetrics
-from .openapi import openapi_document
-from .pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
-from .remote import RemoteModels
+from chaoqing.protocol.listen import BODY_READ_KEY
+from chaoqing.gateway.metrics import GatewayMetrics
+from chaoqing.gateway.openapi import openapi_document
+from chaoqing.gateway.pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
+from chaoqing.gateway.remote import RemoteModels
 
 __all__ = ["Gateway", "create_app"]
 
-_log = logging.getLogger("chaoqing.gateway")
+_log = logging.getLogger("chaoqing.gateway.app")
 _access_log = logging.getLogger("chaoqing.access")
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -387,7 +387,7 @@ class WebPageResource:
     def on_get(self, request: falcon.Request, response: falcon.Response, name: str = "index.html") -> None:
         if name not in ("index.html", "app.js", "style.css"):
             raise falcon.HTTPNotFound()
-        package = resources.files("chaoqing") / "web" / name
+        package = resources.files("chaoqing.gateway") / "web" / name
         try:
             data = package.read_bytes()
         except FileNotFoundError:

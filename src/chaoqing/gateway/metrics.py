@@ -3,7 +3,7 @@
 Requests by route/status/preset, latency per stage (the Server-Timing stages), faces per
 request, requests in flight, remote calls by model/endpoint/outcome with latency, circuit
 state per endpoint, and hub blocking events reported by gevent's monitor thread.
-:class:`GatewayMetrics` is also the remote client's :class:`chaoqing.remote.CallObserver`.
+:class:`GatewayMetrics` is also the remote client's :class:`chaoqing.gateway.remote.CallObserver`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from .pipeline import EnhanceResult
-    from .remote import RemoteModels
+    from chaoqing.gateway.pipeline import EnhanceResult
+    from chaoqing.gateway.remote import RemoteModels
 
 __all__ = ["GatewayMetrics"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from chaoqing.face_geometry import (
+from chaoqing.gateway.stages.face_geometry import (
     PasteBox,
     blend_patch_into,
     compute_paste_box,
@@ -57,7 +57,7 @@ class EnhancedFace:
     Attributes:
         enhanced_crop: the model's output, uint8 (or uint16) [h, w, 3] RGB.
         inverse_affine_matrix: 2x3, enhanced-crop pixels → background pixels
-            (:func:`chaoqing.face_geometry.invert_affine_matrix`).
+            (:func:`chaoqing.gateway.stages.face_geometry.invert_affine_matrix`).
         background_scale: background size over original image size (sizes the mask).
         face_index: the face's position in the detector's output, for logs and errors.
 

@@ -20,18 +20,18 @@ import gevent
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
-from .config import Config
-from .errors import ChaoqingError
-from .gateway import Gateway
-from .listen import QuietHandler, bound_port, create_listener
-from .metrics import GatewayMetrics
-from .pipeline import quiet_expected_errors
-from .remote import RemoteModels
-from .supervisor import ModelServerSupervisor
+from chaoqing.config import Config
+from chaoqing.errors import ChaoqingError
+from chaoqing.gateway.app import Gateway
+from chaoqing.protocol.listen import QuietHandler, bound_port, create_listener
+from chaoqing.gateway.metrics import GatewayMetrics
+from chaoqing.gateway.pipeline import quiet_expected_errors
+from chaoqing.gateway.remote import RemoteModels
+from chaoqing.gateway.supervisor import ModelServerSupervisor
 
 __all__ = ["GatewayServer", "start_hub_watch", "open_models", "ModelsNotReady", "MAX_BLOCKING_TIME_S"]
 
-_log = logging.getLogger("chaoqing.server")
+_log = logging.getLogger("chaoqing.gateway.server")
 
 MAX_BLOCKING_TIME_S = 0.1  # gevent's monitor reports the hub blocked longer than this
 CONNECTIONS_PER_IN_FLIGHT = 8  # idle keep-alive and health-check connections beside the work

@@ -1,8 +1,8 @@
 """The face stage's pure parts: size and align each face's crop, read the model's answer.
 
-The face model is remote; :mod:`chaoqing.pipeline` runs one greenlet per face that calls
+The face model is remote; :mod:`chaoqing.gateway.pipeline` runs one greenlet per face that calls
 :func:`align_face` (threadpool), the model, :func:`enhanced_face_from`, then
-:func:`chaoqing.composite.prepare_face_paste` (threadpool).
+:func:`chaoqing.gateway.stages.composite.prepare_face_paste` (threadpool).
 
 Crop size: a model with a fixed input (a 512 px GFPGAN export) gets exactly that. A model
 that takes any size (Real-ESRGAN ×4) gets the smallest multiple of 16 that, after the
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .composite import EnhancedFace
-from .detect import DetectedFace
-from .errors import BadModelResponse
-from .face_geometry import (
+from chaoqing.gateway.stages.composite import EnhancedFace
+from chaoqing.gateway.stages.detect import DetectedFace
+from chaoqing.errors import BadModelResponse
+from chaoqing.gateway.stages.face_geometry import (
     TEMPLATE_SIZE,
     estimate_affine_matrix,
     invert_affine_matrix,

@@ -1,7 +1,7 @@
 """The background branch: the whole photo, or its tiles, fanned out to the upscaler.
 
 A photo no larger than a tile goes in one call and is resized to the asked size. A larger
-one is planned into tiles (:mod:`chaoqing.tiling`); one greenlet per tile, at most
+one is planned into tiles (:mod:`chaoqing.gateway.stages.tiling`); one greenlet per tile, at most
 ``max_concurrent_tiles`` at a time per request, calls the model (replicas and retries are
 the remote client's), and each tile is resampled and accumulated into one output canvas on
 the threadpool as it arrives. The first tile that fails fails the branch and the others
@@ -41,11 +41,11 @@ import numpy as np
 import numpy.typing as npt
 from gevent.lock import BoundedSemaphore
 
-from .config import TileSettings
-from .errors import BadModelResponse
-from .remote import RemoteModel
-from .resize import resize_image
-from .tiling import TileCanvas, TilePlan, plan_tiles, tile_window, window_core
+from chaoqing.config import TileSettings
+from chaoqing.errors import BadModelResponse
+from chaoqing.gateway.remote import RemoteModel
+from chaoqing.gateway.stages.resize import resize_image
+from chaoqing.gateway.stages.tiling import TileCanvas, TilePlan, plan_tiles, tile_window, window_core
 
 __all__ = ["EDGE_PADDING_INPUT", "TileGeometry", "geometry_from_parameters", "tile_geometry_for", "upscale_image"]
 

@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
 
 __all__ = [
     "EDGE_PADDING_PX",

@@ -1,7 +1,7 @@
 """The KServe v2 / Open Inference Protocol tensor codec, with Triton's binary data extension.
 
-Pure functions, no HTTP: the model server (:mod:`chaoqing.modelserver`) and the gateway's
-client (:mod:`chaoqing.remote`) both build on them, so both sides agree byte for byte.
+Pure functions, no HTTP: the model server (:mod:`chaoqing.modelserver.app`) and the gateway's
+client (:mod:`chaoqing.gateway.remote`) both build on them, so both sides agree byte for byte.
 
 A binary message is a JSON header followed by raw little-endian tensors, in the order the
 header lists them; the HTTP header ``Inference-Header-Content-Length`` says how long the

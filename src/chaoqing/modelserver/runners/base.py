@@ -1,6 +1,6 @@
 """What a runner is: a model behind a plain function, numpy in, numpy out, no HTTP inside.
 
-The model server (:mod:`chaoqing.modelserver`) owns threads, queues and the wire; a runner
+The model server (:mod:`chaoqing.modelserver.app`) owns threads, queues and the wire; a runner
 only computes. :meth:`Runner.run` is called from one native thread per model instance, one
 batch at a time per instance, so a runner needs no locks of its own.
 

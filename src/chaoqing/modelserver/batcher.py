@@ -33,12 +33,12 @@ from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
-from .errors import DeadlineExceeded, InferenceFailed, Overloaded
-from .runners.base import Runner
+from chaoqing.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from chaoqing.modelserver.runners.base import Runner
 
 __all__ = ["BatchSettings", "BatchRecord", "Batcher"]
 
-_log = logging.getLogger("chaoqing.batcher")
+_log = logging.getLogger("chaoqing.modelserver.batcher")
 
 SIMULATOR_THREADS = 4  # cheap nearest-neighbour outputs of simulators; they rarely all run at once
 UNLIMITED_SIMULATED_BATCHES = 10**6  # sim_concurrency 0: every batch as if on hardware of its own

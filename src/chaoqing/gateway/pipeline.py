@@ -38,17 +38,17 @@ import numpy as np
 import numpy.typing as npt
 from gevent.lock import BoundedSemaphore
 
-from .composite import FacePaste, composite_face_pastes_in_place, prepare_face_paste
-from .config import Config
-from .decode import DecodedImage, check_media_type, check_output_size, decode_image, to_8_bit
-from .detect import DETECTOR_OUTPUTS, DetectedFace, faces_from_detections, shrink_for_detection
-from .encode import MEDIA_TYPES, check_encodable, choose_output_format, encode_image
-from .enhance_faces import align_face, choose_crop_size, enhanced_face_from, face_size_in_image
-from .errors import BadModelResponse, ChaoqingError, DeadlineExceeded
-from .face_geometry import FFHQ_TEMPLATE_512
-from .remote import CallObserver, RemoteModel, RemoteModels
-from .resize import restore_bit_depth
-from .upscale import upscale_image
+from chaoqing.gateway.stages.composite import FacePaste, composite_face_pastes_in_place, prepare_face_paste
+from chaoqing.config import Config
+from chaoqing.gateway.stages.decode import DecodedImage, check_media_type, check_output_size, decode_image, to_8_bit
+from chaoqing.gateway.stages.detect import DETECTOR_OUTPUTS, DetectedFace, faces_from_detections, shrink_for_detection
+from chaoqing.gateway.stages.encode import MEDIA_TYPES, check_encodable, choose_output_format, encode_image
+from chaoqing.gateway.stages.enhance_faces import align_face, choose_crop_size, enhanced_face_from, face_size_in_image
+from chaoqing.errors import BadModelResponse, ChaoqingError, DeadlineExceeded
+from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
+from chaoqing.gateway.remote import CallObserver, RemoteModel, RemoteModels
+from chaoqing.gateway.stages.resize import restore_bit_depth
+from chaoqing.gateway.stages.upscale import upscale_image
 
 __all__ = [
     "EnhanceOptions",
@@ -60,7 +60,7 @@ __all__ = [
     "FACE_DEADLINE_RESERVE",
 ]
 
-_log = logging.getLogger("chaoqing.pipeline")
+_log = logging.getLogger("chaoqing.gateway.pipeline")
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .errors import BadModelResponse
+from chaoqing.errors import BadModelResponse
 
 __all__ = ["DetectedFace", "shrink_for_detection", "faces_from_detections", "DETECTOR_OUTPUTS"]
 

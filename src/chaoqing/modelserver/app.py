@@ -17,7 +17,7 @@ as in Triton, passed while it was queued) and 500 (the runner raised). A malform
 never takes the process down.
 
 Threads: the HTTP side is gevent greenlets on one hub; each model instance computes on a
-native thread of its own (see :mod:`chaoqing.batcher`).
+native thread of its own (see :mod:`chaoqing.modelserver.batcher`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import __version__, v2
-from .batcher import Batcher, BatchRecord, BatchSettings
-from .errors import (
+from chaoqing import __version__
+from chaoqing.protocol import v2
+from chaoqing.modelserver.batcher import Batcher, BatchRecord, BatchSettings
+from chaoqing.errors import (
     BodyTooLarge,
     ChaoqingError,
     SlowRequestBody,
@@ -48,13 +49,13 @@ from .errors import (
     http_error_for,
     retry_after_for,
 )
-from .listen import BODY_READ_KEY, QuietHandler, bound_port, create_listener
-from .runners import RunnerSettings, create_runner
-from .runners.base import ModelSpec, Runner
+from chaoqing.protocol.listen import BODY_READ_KEY, QuietHandler, bound_port, create_listener
+from chaoqing.modelserver.runners import RunnerSettings, create_runner
+from chaoqing.modelserver.runners.base import ModelSpec, Runner
 
 __all__ = ["ModelServerOptions", "ModelServer", "ModelServerApp", "validate_inputs"]
 
-_log = logging.getLogger("chaoqing.modelserver")
+_log = logging.getLogger("chaoqing.modelserver.app")
 
 SERVER_NAME = "chaoqing"
 EXTENSIONS = ("binary_tensor_data", "model_metadata", "health", "metrics")

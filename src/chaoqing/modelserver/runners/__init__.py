@@ -2,7 +2,7 @@
 
 ::
 
-    from chaoqing.runners import RunnerSettings, available_models, create_runner
+    from chaoqing.modelserver.runners import RunnerSettings, available_models, create_runner
 
     runner = create_runner("realesr-animevideov3-x4", RunnerSettings(threads=2))
     upscaled = runner.run({"image": images})["image"]      # UINT8 [B,H,W,3] -> [B,4H,4W,3]
@@ -10,10 +10,10 @@
 Models:
 
 - ``realesrgan-x4plus``, ``realesr-animevideov3-x2`` / ``-x3`` / ``-x4``: Real-ESRGAN on ncnn
-  (:mod:`chaoqing.runners.realesrgan`).
-- ``face-detector``: dlib HOG + 5-point landmarks (:mod:`chaoqing.runners.dlib_detector`).
+  (:mod:`chaoqing.modelserver.runners.realesrgan`).
+- ``face-detector``: dlib HOG + 5-point landmarks (:mod:`chaoqing.modelserver.runners.dlib_detector`).
 - ``sim-upscale-x2``, ``sim-upscale-x4``, ``sim-face``, ``sim-detector``: simulators for tests
-  and benchmarks (:mod:`chaoqing.runners.sim`); built only when named.
+  and benchmarks (:mod:`chaoqing.modelserver.runners.sim`); built only when named.
 
 Importing this package is cheap: ncnn and dlib are imported when a runner that needs them is
 created. Every failure to build a runner is a :class:`RunnerError`.
@@ -25,8 +25,8 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .base import ModelSpec, Runner, RunnerError, TensorSpec
-from .realesrgan import parse_device
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec
+from chaoqing.modelserver.runners.realesrgan import parse_device
 
 __all__ = [
     "ModelSpec",
@@ -83,7 +83,7 @@ class RunnerSettings:
 
 
 def _create_realesrgan(name: str, settings: RunnerSettings) -> Runner:
-    from .realesrgan import RealesrganRunner
+    from chaoqing.modelserver.runners.realesrgan import RealesrganRunner
 
     return RealesrganRunner(
         name,
@@ -95,7 +95,7 @@ def _create_realesrgan(name: str, settings: RunnerSettings) -> Runner:
 
 
 def _create_face_detector(name: str, settings: RunnerSettings) -> Runner:
-    from .dlib_detector import DlibFaceDetector
+    from chaoqing.modelserver.runners.dlib_detector import DlibFaceDetector
 
     return DlibFaceDetector(
         upsample=settings.detector_upsample, adjust_threshold=settings.detector_threshold
@@ -103,7 +103,7 @@ def _create_face_detector(name: str, settings: RunnerSettings) -> Runner:
 
 
 def _create_sim_upscaler(name: str, settings: RunnerSettings) -> Runner:
-    from .sim import SimUpscaler
+    from chaoqing.modelserver.runners.sim import SimUpscaler
 
     scale = int(name.rsplit("-x", 1)[1])
     return SimUpscaler(
@@ -115,7 +115,7 @@ def _create_sim_upscaler(name: str, settings: RunnerSettings) -> Runner:
 
 
 def _create_sim_face(name: str, settings: RunnerSettings) -> Runner:
-    from .sim import SimUpscaler
+    from chaoqing.modelserver.runners.sim import SimUpscaler
 
     return SimUpscaler(
         name,
@@ -127,7 +127,7 @@ def _create_sim_face(name: str, settings: RunnerSettings) -> Runner:
 
 
 def _create_sim_detector(name: str, settings: RunnerSettings) -> Runner:
-    from .sim import SimFaceDetector
+    from chaoqing.modelserver.runners.sim import SimFaceDetector
 
     return SimFaceDetector(
         name, faces=settings.sim_faces, latency_s=settings.sim_latency_ms / 1000.0

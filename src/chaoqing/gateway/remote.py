@@ -61,9 +61,9 @@ from geventhttpclient import HTTPParseError
 from geventhttpclient.connectionpool import ConnectionPool
 from geventhttpclient.response import HTTPConnectionClosed, HTTPSocketPoolResponse
 
-from . import v2
-from .config import Config, RemoteSettings
-from .errors import BadModelResponse, ModelServerError, ModelTimeout, ModelUnavailable
+from chaoqing.protocol import v2
+from chaoqing.config import Config, RemoteSettings
+from chaoqing.errors import BadModelResponse, ModelServerError, ModelTimeout, ModelUnavailable
 
 __all__ = [
     "CallObserver",
@@ -74,7 +74,7 @@ __all__ = [
     "TensorMetadata",
 ]
 
-_log = logging.getLogger("chaoqing.remote")
+_log = logging.getLogger("chaoqing.gateway.remote")
 
 RESPONSE_BLOCK_SIZE = 256 * 1024  # recv size for responses: big tensors in few syscalls
 HEALTH_TIMEOUT_S = 2.0

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
 
 __all__ = [
     "ALIGNMENT_TEMPLATE_512",

@@ -1,6 +1,6 @@
 """Tiles for large photos: plan them, resample each to the output grid, stitch without seams.
 
-Pure pixel code; the fan-out over model servers is :mod:`chaoqing.upscale`'s.
+Pure pixel code; the fan-out over model servers is :mod:`chaoqing.gateway.stages.upscale`'s.
 
 Plan. Along each axis of length ``L`` tiles are ``T`` input pixels long (``L`` itself when
 the photo is shorter than a tile: all tiles of a request share one shape, so model servers
@@ -13,7 +13,7 @@ edge poorly), and the ``blend`` pixels around the seam are cross-faded.
 Resampling. A tile comes back from the model at its native scale ``S``; the photo is asked
 for at scale ``s``. Each tile is resampled straight onto the output grid with Pillow's
 Lanczos and an exact fractional source box, so the result equals resampling the whole
-native image (edges map to edges, as in :func:`chaoqing.resize.resize_image`), and the
+native image (edges map to edges, as in :func:`chaoqing.gateway.stages.resize.resize_image`), and the
 native-scale image is never held whole.
 
 Stitching. Weights are products of per-axis linear ramps quantised to ``RAMP_LEVELS`` steps,
@@ -43,7 +43,7 @@ import numpy.typing as npt
 from gevent import monkey
 from PIL import Image
 
-from .resize import whole_reduction
+from chaoqing.gateway.stages.resize import whole_reduction
 
 __all__ = ["Tile", "TilePlan", "plan_tiles", "TileCanvas", "tile_window", "window_core", "RAMP_LEVELS"]
 
@@ -319,7 +319,7 @@ def _release(memory: mmap.mmap, released: int, upto: int) -> int:
 def _resample(native: npt.NDArray[np.uint8], box: tuple[float, float, float, float], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
     """``box`` (fractional, tile-native pixels) resampled to ``size``: a slice when it is 1:1,
     a k×k block average when it is a whole-number reduction on whole pixels (as
-    :func:`chaoqing.resize.resize_image` does for the whole photo), Pillow's Lanczos otherwise."""
+    :func:`chaoqing.gateway.stages.resize.resize_image` does for the whole photo), Pillow's Lanczos otherwise."""
     native_height, native_width = native.shape[:2]
     left, top = max(0.0, box[0]), max(0.0, box[1])
     right, bottom = min(float(native_width), box[2]), min(float(native_height), box[3])

@@ -53,8 +53,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from .config import Limits
-from .errors import ImageTooLarge, InvalidImage, InvalidParameter, UnsupportedMediaType
+from chaoqing.config import Limits
+from chaoqing.errors import ImageTooLarge, InvalidImage, InvalidParameter, UnsupportedMediaType
 
 __all__ = [
     "ACCEPTED_MEDIA_TYPES",

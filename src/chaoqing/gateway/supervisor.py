@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import gevent
 from gevent import subprocess
 
-from .config import ModelServerSettings
-from .errors import ChaoqingError
+from chaoqing.config import ModelServerSettings
+from chaoqing.errors import ChaoqingError
 
 __all__ = ["ModelServerSupervisor", "SupervisorError"]
 
-_log = logging.getLogger("chaoqing.supervisor")
+_log = logging.getLogger("chaoqing.gateway.supervisor")
 
 LISTENING_PATTERN = re.compile(r"listening on (http://\S+)")
 START_TIMEOUT_S = 60.0
