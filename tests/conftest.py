@@ -7,24 +7,23 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
-import gevent  # noqa: E402
-import pytest  # noqa: E402
+import gevent
+import pytest
 
-from dataclasses import dataclass, field  # noqa: E402
-
-from chaoqing.modelserver.batcher import BatchSettings  # noqa: E402
-from chaoqing.config import Config, Preset  # noqa: E402
-from chaoqing.gateway.metrics import GatewayMetrics  # noqa: E402
-from chaoqing.gateway.remote import RemoteModels  # noqa: E402
-from chaoqing.gateway.server import GatewayServer  # noqa: E402
-from chaoqing.modelserver.app import ModelServer, ModelServerOptions  # noqa: E402
-from chaoqing.modelserver.runners import RunnerSettings  # noqa: E402
+from chaoqing.config import Config, Preset
+from chaoqing.gateway.metrics import GatewayMetrics
+from chaoqing.gateway.remote import RemoteModels
+from chaoqing.gateway.server import GatewayServer
+from chaoqing.modelserver.app import ModelServer, ModelServerOptions
+from chaoqing.modelserver.batcher import BatchSettings
+from chaoqing.modelserver.runners import RunnerSettings
 
 
 @pytest.fixture
@@ -195,7 +194,7 @@ class SwitchWatch:
         self.longest_in = ""
         self._last = self._clock()
 
-    def __enter__(self) -> "SwitchWatch":
+    def __enter__(self) -> SwitchWatch:
         import greenlet
 
         self._previous = greenlet.settrace(self._trace)
@@ -211,7 +210,7 @@ class SwitchWatch:
                 self.longest_in = repr(arguments[0])[:200]
         self._last = now
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         import greenlet
 
         greenlet.settrace(self._previous)

@@ -16,7 +16,7 @@ from gevent.pywsgi import WSGIServer
 from chaoqing.protocol import v2
 from chaoqing.protocol.listen import bound_port, create_listener
 
-__all__ = ["FakeV2Server", "BEHAVIOURS"]
+__all__ = ["BEHAVIOURS", "FakeV2Server"]
 
 BEHAVIOURS = ("hang", "slow", "garbage", "wrong_shape", "wrong_dtype", "error_500", "close_mid_response")
 

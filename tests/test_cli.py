@@ -25,12 +25,12 @@ import gevent.os
 import numpy as np
 import pytest
 import requests
+from conftest import SimGateway, run_cli
 from PIL import Image
 
 from chaoqing import doctor
 from chaoqing.cli import cli
 from chaoqing.config import Config
-from conftest import SimGateway, run_cli
 
 StartGateway = Callable[..., SimGateway]
 

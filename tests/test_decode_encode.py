@@ -20,6 +20,7 @@ from PIL import Image, ImageCms, ImageOps
 from skimage import data as skimage_data
 
 from chaoqing.config import Limits
+from chaoqing.errors import ImageTooLarge, InvalidImage, InvalidParameter, UnsupportedMediaType
 from chaoqing.gateway.stages.decode import (
     ACCEPTED_MEDIA_TYPES,
     DecodedImage,
@@ -40,7 +41,6 @@ from chaoqing.gateway.stages.encode import (
     encode_image_to,
     normalise_output_format,
 )
-from chaoqing.errors import ImageTooLarge, InvalidImage, InvalidParameter, UnsupportedMediaType
 
 pytestmark = pytest.mark.timeout(60)
 

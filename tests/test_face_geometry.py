@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 import skimage.data
 
+from chaoqing.errors import ChaoqingError, DegenerateLandmarks
 from chaoqing.gateway.stages.composite import (
     EnhancedFace,
     FacePaste,
@@ -21,11 +22,9 @@ from chaoqing.gateway.stages.composite import (
     composite_faces,
     prepare_face_paste,
 )
-from chaoqing.errors import ChaoqingError
 from chaoqing.gateway.stages.face_geometry import (
     DLIB_5_TEMPLATE_512,
     FFHQ_TEMPLATE_512,
-    DegenerateLandmarks,
     PasteBox,
     blend_face_into,
     compute_paste_box,

@@ -27,9 +27,9 @@ from conftest import SimGateway
 from PIL import Image
 
 from chaoqing.config import RemoteSettings, TileSettings
-from chaoqing.modelserver.app import ModelServer
 from chaoqing.gateway.remote import CIRCUIT_CLOSED, CIRCUIT_OPEN, Endpoint, RemoteModels
 from chaoqing.gateway.stages.tiling import plan_tiles
+from chaoqing.modelserver.app import ModelServer
 
 pytestmark = pytest.mark.timeout(120)
 

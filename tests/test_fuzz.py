@@ -21,11 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from chaoqing.gateway import app as gateway
-
-from chaoqing.protocol import v2
 from chaoqing.config import Limits
-from chaoqing.gateway.stages.decode import check_media_type, decode_image
 from chaoqing.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -33,6 +29,8 @@ from chaoqing.errors import (
     InvalidTensorRequest,
     UnsupportedMediaType,
 )
+from chaoqing.gateway import app as gateway
+from chaoqing.gateway.stages.decode import check_media_type, decode_image
 from chaoqing.modelserver.app import (
     ModelServerApp,
     ModelServerOptions,
@@ -41,6 +39,7 @@ from chaoqing.modelserver.app import (
     validate_inputs,
 )
 from chaoqing.modelserver.runners import RunnerSettings, create_runner
+from chaoqing.protocol import v2
 
 pytestmark = pytest.mark.timeout(180)
 

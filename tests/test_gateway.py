@@ -18,12 +18,12 @@ import jsonschema
 import numpy as np
 import pytest
 import requests
+from conftest import SimGateway, SwitchWatch
+from fakes import FakeV2Server
 from PIL import Image
 
 from chaoqing.config import Limits, RemoteSettings, TileSettings
 from chaoqing.modelserver.runners.sim import FACE_MARK_LEVELS
-from conftest import SimGateway, SwitchWatch
-from fakes import FakeV2Server
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,9 +24,9 @@ import requests
 from conftest import SimGateway
 from PIL import Image
 
-from chaoqing.protocol import v2
 from chaoqing.config import Limits
 from chaoqing.modelserver.app import ModelServer
+from chaoqing.protocol import v2
 
 pytestmark = pytest.mark.timeout(60)
 

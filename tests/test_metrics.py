@@ -17,12 +17,12 @@ import gevent
 import numpy as np
 import pytest
 import requests
+from conftest import SimGateway
+from fakes import FakeV2Server
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaoqing.logs import JsonFormatter, TextFormatter
-from conftest import SimGateway
-from fakes import FakeV2Server
 
 StartGateway = Callable[..., SimGateway]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import requests
 
-from chaoqing.protocol import v2
 from chaoqing.config import RemoteSettings
-from chaoqing.errors import InvalidTensorRequest, ModelServerError, ModelUnavailable
-from chaoqing.modelserver.app import ModelServer, validate_inputs
+from chaoqing.errors import InvalidTensorRequest, ModelServerError, ModelUnavailable, RunnerError
 from chaoqing.gateway.remote import RemoteModel
+from chaoqing.modelserver.app import ModelServer, validate_inputs
 from chaoqing.modelserver.runners import RunnerSettings, create_runner
-from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
+from chaoqing.protocol import v2
 
 pytestmark = pytest.mark.timeout(60)
 

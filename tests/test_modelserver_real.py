@@ -14,8 +14,8 @@ import requests
 from skimage import data
 
 from chaoqing.config import RemoteSettings
-from chaoqing.modelserver.app import ModelServer
 from chaoqing.gateway.remote import RemoteModel
+from chaoqing.modelserver.app import ModelServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from chaoqing.modelserver.runners import Runner, RunnerError, RunnerSettings, available_models, create_runner
+from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners import Runner, RunnerSettings, available_models, create_runner
 from chaoqing.modelserver.runners.dlib_detector import ALIGNMENT_TEMPLATE_512, LANDMARK_POINTS
 from chaoqing.modelserver.runners.sim import FACE_MARK_LEVELS
 

@@ -23,11 +23,11 @@ from conftest import SimGateway, run_cli
 from PIL import Image
 
 from chaoqing import batch
-from chaoqing.gateway import app as gateway_module
 from chaoqing.batch import _write_atomically, plan_outputs
 from chaoqing.config import Limits, load_config
-from chaoqing.protocol.listen import bound_port, create_listener
+from chaoqing.gateway import app as gateway_module
 from chaoqing.modelserver.app import ModelServer
+from chaoqing.protocol.listen import bound_port, create_listener
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,13 +27,20 @@ from PIL import Image
 
 from chaoqing.config import Config, Preset, TileSettings
 from chaoqing.gateway.metrics import GatewayMetrics
-from chaoqing.modelserver.app import ModelServer
 from chaoqing.gateway.pipeline import offload
 from chaoqing.gateway.remote import ModelMetadata, RemoteModels
-from chaoqing.gateway.stages.resize import resize_image
 from chaoqing.gateway.server import GatewayServer
-from chaoqing.gateway.stages.tiling import FINISH_BAND_BYTES, TileCanvas, TilePlan, plan_tiles, tile_window, window_core
+from chaoqing.gateway.stages.resize import resize_image
+from chaoqing.gateway.stages.tiling import (
+    FINISH_BAND_BYTES,
+    TileCanvas,
+    TilePlan,
+    plan_tiles,
+    tile_window,
+    window_core,
+)
 from chaoqing.gateway.stages.upscale import TileGeometry, tile_geometry_for, upscale_image
+from chaoqing.modelserver.app import ModelServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import SimGateway
 from PIL import Image
 
 from chaoqing.config import Limits
-from conftest import SimGateway
 
 StartGateway = Callable[..., SimGateway]
 

@@ -27,9 +27,9 @@ from gevent.lock import BoundedSemaphore
 from tqdm import tqdm
 
 from chaoqing.config import Config
-from chaoqing.errors import ChaoqingError, ImageTooLarge
+from chaoqing.errors import ChaoqingError, GatewayError, ImageTooLarge, InvalidParameter
 
-__all__ = ["PlannedPhoto", "BatchJob", "BatchSummary", "PhotoOutcome", "plan_outputs", "run_batch", "IMAGE_SUFFIXES"]
+__all__ = ["IMAGE_SUFFIXES", "BatchJob", "BatchSummary", "PhotoOutcome", "PlannedPhoto", "plan_outputs", "run_batch"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 DEFAULT_OUTPUT_FOLDER = Path("enhanced")
@@ -219,7 +219,7 @@ class _ServerRunner:
 
         parts = urlsplit(job.server or "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ChaoqingError(f"--server must be an http(s) URL, not {job.server!r}")
+            raise InvalidParameter(f"--server must be an http(s) URL, not {job.server!r}")
         self.base_path = parts.path.rstrip("/")
         self.client = HTTPClient(parts.hostname, parts.port, ssl=parts.scheme == "https", concurrency=job.concurrency,
                                  connection_timeout=10, network_timeout=SERVER_TIMEOUT_S)
@@ -243,7 +243,7 @@ class _ServerRunner:
                 message = f"{error['code']}: {error['message']}"
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {response.status_code}"
-            raise ChaoqingError(message)
+            raise GatewayError(message, status=response.status_code)
         media_type = response.get("content-type", "image/png")
         output_format = {"image/jpeg": "jpeg", "image/webp": "webp"}.get(media_type, "png")
         width, _, height = (response.get("x-output-size") or "0x0").partition("x")

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 _log = logging.getLogger("chaoqing")
 
@@ -95,8 +95,8 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
     # cores that spinning steals their CPU (measured here: compact x4 4.9 → 3.5 s and x4plus
     # 17 → 9.5 s when both run at once). Read by libgomp when ncnn loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from chaoqing.modelserver.batcher import BatchSettings
     from chaoqing.modelserver.app import ModelServer, ModelServerOptions
+    from chaoqing.modelserver.batcher import BatchSettings
     from chaoqing.modelserver.runners import RunnerSettings, available_models
 
     unknown = [name for name in models if name not in available_models()]
@@ -144,11 +144,11 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
     Without model endpoints in the config, starts a model-server child process per model
     (restarted if it crashes). Ctrl-C drains in-flight requests; a second Ctrl-C exits at once.
     """
-    from chaoqing.config import ConfigError, load_config
+    from chaoqing.config import load_config
+    from chaoqing.errors import ConfigError, ModelsNotReady, SupervisorError
     from chaoqing.gateway.metrics import GatewayMetrics
     from chaoqing.gateway.pipeline import return_freed_memory_promptly
-    from chaoqing.gateway.server import GatewayServer, ModelsNotReady, open_models, wait_until_ready
-    from chaoqing.gateway.supervisor import SupervisorError
+    from chaoqing.gateway.server import GatewayServer, open_models, wait_until_ready
 
     try:
         config = load_config(config_path, overrides={
@@ -220,7 +220,8 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     """
     _setup_logging(log_level, "text")
     from chaoqing.batch import BatchJob, plan_outputs, run_batch
-    from chaoqing.config import ConfigError, load_config
+    from chaoqing.config import load_config
+    from chaoqing.errors import ConfigError
 
     try:
         config = load_config(config_path, overrides={"preset": preset, "scale": scale})

@@ -32,26 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaoqing.errors import ChaoqingError
+from chaoqing.errors import ConfigError
 
 __all__ = [
-    "ConfigError",
-    "Limits",
-    "Preset",
     "PRESETS",
-    "TileSettings",
-    "RemoteSettings",
-    "ModelServerSettings",
     "Config",
+    "Limits",
+    "ModelServerSettings",
+    "Preset",
+    "RemoteSettings",
+    "TileSettings",
     "load_config",
 ]
 
 ENV_PREFIX = "CHAOQING_"
 CONFIG_PATH_VARIABLE = "CHAOQING_CONFIG"  # names the TOML file (chaoqing.wsgi), not a key
 
-
-class ConfigError(ChaoqingError):
-    """A configuration value is missing, malformed or out of range."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from chaoqing.config import Config
 
-__all__ = ["Check", "run_checks", "format_report", "report_json", "exit_status", "probe_vulkan_gpus"]
+__all__ = ["Check", "exit_status", "format_report", "probe_vulkan_gpus", "report_json", "run_checks"]
 
 OK, MISSING, WARN, INFO, OPTIONAL = "ok", "missing", "warn", "info", "optional"
 SECTIONS = ("gateway", "models", "machine")
@@ -173,7 +173,7 @@ def check_python() -> Check:
 def check_realesrgan_models(folder: Path | None = None) -> list[Check]:
     """One line per bundled Real-ESRGAN model: its ``.param`` and ``.bin`` with sizes."""
     try:
-        from chaoqing.modelserver.runners import RunnerError
+        from chaoqing.errors import RunnerError
         from chaoqing.modelserver.runners.realesrgan import MODELS, find_model_folder
     except ImportError as exc:
         return [Check("models", "Real-ESRGAN files", MISSING, f"cannot look for them: {exc}")]
@@ -340,7 +340,8 @@ def check_endpoints(config: Config) -> list[Check]:
 
 def run_checks(config_path: str | None = None) -> list[Check]:
     """Every check, in report order. Never raises for what it finds; the report says it."""
-    from chaoqing.config import ConfigError, load_config
+    from chaoqing.config import load_config
+    from chaoqing.errors import ConfigError
 
     checks = [check_python()]
     checks += [check_package(requirement) for requirement in GATEWAY_PACKAGES]

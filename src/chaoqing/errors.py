@@ -12,18 +12,29 @@
      │    ├── BodyTooLarge              413 body_too_large        (model server)
      │    ├── SlowRequestBody           408 request_timeout       (the body did not arrive in time)
      │    └── UnknownModel              404 unknown_model         (model server)
+     ├── MalformedMessage               400 invalid_tensor        (a v2 message off the protocol;
+     │                                                             the gateway's client says BadModelResponse)
      ├── Unauthorized                   401 unauthorized
      ├── Overloaded                     503 overloaded            (Retry-After)
+     ├── ShuttingDown                   503 shutting_down         (Retry-After; the process is stopping)
      ├── DeadlineExceeded               504 deadline_exceeded
      ├── InferenceFailed                500 inference_failed      (model server: the runner raised)
-     └── ModelServerError               502 model_error           (gateway: a remote call failed)
-          ├── ModelUnavailable          503 model_unavailable     (Retry-After; refused, unreachable, circuit open)
-          ├── ModelTimeout              504 deadline_exceeded
-          └── BadModelResponse          502 model_error           (malformed or wrong-shaped tensors)
+     ├── RunnerError                    500 inference_failed      (a runner cannot be built or cannot compute)
+     ├── DegenerateLandmarks            502 model_error           (a detector's landmarks admit no alignment)
+     ├── ModelServerError               502 model_error           (gateway: a remote call failed)
+     │    ├── ModelUnavailable          503 model_unavailable     (Retry-After; refused, unreachable, circuit open)
+     │    ├── ModelTimeout              504 deadline_exceeded
+     │    └── BadModelResponse          502 model_error           (malformed or wrong-shaped tensors)
+     ├── GatewayError                   502 gateway_error         (the CLI: a remote gateway answered an error)
+     ├── ConfigError                    500 config_error          (start-up: a setting is wrong)
+     ├── SupervisorError                503 model_unavailable     (start-up: an embedded model server did not start)
+     ├── ModelsNotReady                 503 model_unavailable     (start-up: model servers not ready in time)
+     └── BenchError                     500 bench_error           (a benchmark could not run)
 
 Library code raises these; foreign exceptions are translated at the boundary with
 ``raise ... from exc``. Only the CLI exits; only the HTTP layers turn errors into responses,
-through :func:`http_error_for`.
+through :func:`http_error_for`. Anything not in the table is a 500 ``internal_error`` with a
+generic message, and its traceback goes to the log.
 """
 
 from __future__ import annotations
@@ -31,26 +42,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "ChaoqingError",
-    "InvalidRequest",
-    "InvalidParameter",
-    "InvalidImage",
-    "UnsupportedMediaType",
-    "ImageTooLarge",
-    "InvalidTensorRequest",
-    "BodyTooLarge",
-    "SlowRequestBody",
-    "UnknownModel",
-    "Unauthorized",
-    "Overloaded",
-    "DeadlineExceeded",
-    "InferenceFailed",
-    "ModelServerError",
-    "ModelUnavailable",
-    "ModelTimeout",
-    "BadModelResponse",
-    "HttpError",
     "HTTP_ERRORS",
+    "BadModelResponse",
+    "BenchError",
+    "BodyTooLarge",
+    "ChaoqingError",
+    "ConfigError",
+    "DeadlineExceeded",
+    "DegenerateLandmarks",
+    "GatewayError",
+    "HttpError",
+    "ImageTooLarge",
+    "InferenceFailed",
+    "InvalidImage",
+    "InvalidParameter",
+    "InvalidRequest",
+    "InvalidTensorRequest",
+    "MalformedMessage",
+    "ModelServerError",
+    "ModelTimeout",
+    "ModelUnavailable",
+    "ModelsNotReady",
+    "Overloaded",
+    "RunnerError",
+    "ShuttingDown",
+    "SlowRequestBody",
+    "SupervisorError",
+    "Unauthorized",
+    "UnknownModel",
+    "UnsupportedMediaType",
     "http_error_for",
     "retry_after_for",
 ]
@@ -108,6 +128,18 @@ class Overloaded(ChaoqingError):
         self.retry_after_s = retry_after_s
 
 
+class MalformedMessage(ChaoqingError, ValueError):
+    """A v2 message that does not follow the protocol; the text says what is wrong."""
+
+
+class ShuttingDown(ChaoqingError):
+    """The process is stopping and its grace period is over; retry on another (or later)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(ChaoqingError):
     """The request's deadline passed before its work finished."""
 
@@ -140,6 +172,38 @@ class BadModelResponse(ModelServerError):
     """The model server answered with something that is not the tensors we asked for."""
 
 
+class RunnerError(ChaoqingError):
+    """A runner cannot be built (missing weights, unusable device) or cannot compute."""
+
+
+class DegenerateLandmarks(ChaoqingError, ValueError):
+    """The landmarks admit no alignment (coincident or non-finite points)."""
+
+
+class GatewayError(ChaoqingError):
+    """A remote gateway answered with an error (the CLI's ``--server`` mode); ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConfigError(ChaoqingError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class SupervisorError(ChaoqingError):
+    """An embedded model-server child could not be started."""
+
+
+class ModelsNotReady(ChaoqingError):
+    """Model servers did not become ready in time."""
+
+
+class BenchError(ChaoqingError):
+    """A benchmark could not run: a child did not start, a server answered wrongly."""
+
+
 @dataclass(frozen=True)
 class HttpError:
     """How one kind of error looks on the wire."""
@@ -159,14 +223,23 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     SlowRequestBody: HttpError(408, "request_timeout"),
     UnknownModel: HttpError(404, "unknown_model"),
     InvalidRequest: HttpError(400, "invalid_parameter"),
+    MalformedMessage: HttpError(400, "invalid_tensor"),
     Unauthorized: HttpError(401, "unauthorized"),
     Overloaded: HttpError(503, "overloaded"),
+    ShuttingDown: HttpError(503, "shutting_down"),
     DeadlineExceeded: HttpError(504, "deadline_exceeded"),
     InferenceFailed: HttpError(500, "inference_failed"),
     ModelUnavailable: HttpError(503, "model_unavailable"),
     ModelTimeout: HttpError(504, "deadline_exceeded"),
     BadModelResponse: HttpError(502, "model_error"),
     ModelServerError: HttpError(502, "model_error"),
+    RunnerError: HttpError(500, "inference_failed"),
+    DegenerateLandmarks: HttpError(502, "model_error"),
+    GatewayError: HttpError(502, "gateway_error"),
+    ConfigError: HttpError(500, "config_error"),
+    SupervisorError: HttpError(503, "model_unavailable"),
+    ModelsNotReady: HttpError(503, "model_unavailable"),
+    BenchError: HttpError(500, "bench_error"),
 }
 
 INTERNAL_ERROR = HttpError(500, "internal_error")
@@ -183,7 +256,7 @@ def http_error_for(error: BaseException) -> HttpError:
 
 def retry_after_for(error: BaseException) -> float | None:
     """Seconds for a Retry-After header, or None when the error does not invite a retry."""
-    if isinstance(error, Overloaded):
+    if isinstance(error, (Overloaded, ShuttingDown)):
         return error.retry_after_s
     if isinstance(error, ModelUnavailable):
         return error.retry_after_s

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["configure_logging", "JsonFormatter", "TextFormatter"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from chaoqing.config import ConfigError, load_config
+from chaoqing.config import load_config
+from chaoqing.errors import ConfigError
 from chaoqing.gateway.app import create_app
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.pipeline import quiet_expected_errors

@@ -34,8 +34,9 @@ from typing import Any
 
 import click
 
+from chaoqing.errors import BenchError
+
 __all__ = [
-    "BenchError",
     "ChildProcess",
     "HttpConnection",
     "HttpReply",
@@ -67,9 +68,6 @@ STOP_GRACE_S = 5.0
 RECEIVE_BLOCK_BYTES = 256 * 1024
 PR_SET_PDEATHSIG = 1
 
-
-class BenchError(Exception):
-    """A benchmark could not run: a child did not start, a server answered wrongly."""
 
 
 # -- processes ------------------------------------------------------------------------------

@@ -59,11 +59,11 @@ class _Trial:
     same model servers."""
 
     def __init__(self, faces: int, photo: bytes, path: str, scale: float, gateway_url: str, config_path: Path) -> None:
+        from chaoqing.bench.common import HttpConnection
         from chaoqing.config import load_config
         from chaoqing.gateway.metrics import GatewayMetrics
         from chaoqing.gateway.pipeline import PipelineServices
         from chaoqing.gateway.remote import RemoteModels
-        from chaoqing.bench.common import HttpConnection
 
         self.faces = faces
         self.photo = photo
@@ -77,7 +77,8 @@ class _Trial:
 
     def over_http(self) -> tuple[float, dict[str, float]]:
         """One request to the gateway: milliseconds, and its Server-Timing stages."""
-        from chaoqing.bench.common import BenchError, parse_server_timing
+        from chaoqing.bench.common import parse_server_timing
+        from chaoqing.errors import BenchError
 
         sent = time.perf_counter()
         reply = self.connection.request("POST", self.path, self.photo, {"Content-Type": "image/jpeg"})
@@ -91,8 +92,8 @@ class _Trial:
 
     def in_process(self, sequential: bool) -> float:
         """The same photo through :func:`enhance_photo` here: milliseconds."""
+        from chaoqing.errors import BenchError
         from chaoqing.gateway.pipeline import EnhanceOptions, enhance_photo
-        from chaoqing.bench.common import BenchError
 
         options = EnhanceOptions(scale=self.scale, preset=PRESET, sequential=sequential)
         sent = time.perf_counter()
@@ -114,7 +115,6 @@ def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, f
 
     import gevent
 
-    from chaoqing.gateway.pipeline import quiet_expected_errors
     from chaoqing.bench.common import (
         encode_photo,
         raise_open_file_limit,
@@ -123,6 +123,7 @@ def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, f
         synthetic_photo,
         write_gateway_config,
     )
+    from chaoqing.gateway.pipeline import quiet_expected_errors
 
     raise_open_file_limit()
     quiet_expected_errors()
@@ -254,7 +255,8 @@ def plot_fanout(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def fanout(faces_text: str, upscale_ms: float, detect_ms: float, face_ms: float, requests: int,
            sequential_requests: int, width: int, height: int, scale: float, as_json: bool, plot_path: Path | None) -> None:
     """Concurrent fan-out against the critical path and the sequential way (sim models)."""
-    from chaoqing.bench.common import BenchError, Report, Target, command_line, report
+    from chaoqing.bench.common import Report, Target, command_line, report
+    from chaoqing.errors import BenchError
 
     try:
         face_counts = sorted({int(item) for item in faces_text.split(",") if item.strip()})

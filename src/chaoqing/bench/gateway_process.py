@@ -124,11 +124,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import gevent
 
-    from chaoqing.config import ConfigError, load_config
-    from chaoqing.logs import configure_logging
+    from chaoqing.config import load_config
+    from chaoqing.errors import ConfigError
     from chaoqing.gateway.metrics import GatewayMetrics
     from chaoqing.gateway.remote import RemoteModels
     from chaoqing.gateway.server import GatewayServer
+    from chaoqing.logs import configure_logging
 
     configure_logging(arguments.log_level, "text")
     try:

@@ -358,9 +358,9 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
     import numpy as np
 
     from chaoqing.gateway.stages.resize import resize_image
-    from chaoqing.modelserver.runners import RunnerSettings, create_runner
     from chaoqing.gateway.stages.tiling import TileCanvas, plan_tiles, tile_window, window_core
     from chaoqing.gateway.stages.upscale import EDGE_PADDING_INPUT, geometry_from_parameters
+    from chaoqing.modelserver.runners import RunnerSettings, create_runner
 
     source = _source_photo(photo)
     image = np.ascontiguousarray(source[:size, :size])
@@ -432,7 +432,7 @@ def run_seams(model_name: str, photo: Path | None, size: int, scale: float, tile
 def seams(model_name: str, photo: Path | None, size: int, scale: float, tile_size: int, overlap: int, margin: int,
           context: bool, threads: int, as_json: bool) -> None:
     """Tiled against whole-image output: PSNR and the steps across tile seams."""
-    from chaoqing.modelserver.runners import RunnerError
+    from chaoqing.errors import RunnerError
 
     try:
         result = run_seams(model_name, photo, size, scale, tile_size, overlap, margin, threads, context)

@@ -101,7 +101,8 @@ class _Server:
 def _start_gunicorn(config_path: Path, workers: int) -> Any:
     from gevent import subprocess
 
-    from chaoqing.bench.common import BenchError, ChildProcess, die_with_parent, free_port, wait_until_ready
+    from chaoqing.bench.common import ChildProcess, die_with_parent, free_port, wait_until_ready
+    from chaoqing.errors import BenchError
 
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--bind", f"127.0.0.1:{port}",
@@ -158,7 +159,7 @@ def _run_generator(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Run :mod:`chaoqing.bench.loadgen` in a process of its own; its JSON result."""
     from gevent import subprocess
 
-    from chaoqing.bench.common import BenchError
+    from chaoqing.errors import BenchError
 
     spec_path = directory / "loadgen.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -374,7 +375,8 @@ def load(clients_text: str, offered_fraction: float, sweep_text: str, duration_s
          scale: float, faces: int, upscale_ms: float, detect_ms: float, face_ms: float, blocking_threshold_ms: float,
          as_json: bool, plot_path: Path | None) -> None:
     """Throughput and tail latency under 10…1000 clients: one gateway process vs gunicorn."""
-    from chaoqing.bench.common import BenchError, Report, Target, command_line, report
+    from chaoqing.bench.common import Report, Target, command_line, report
+    from chaoqing.errors import BenchError
 
     client_levels = sorted({int(value) for value in _floats(clients_text, "--clients")})
     sweep = sorted(set(_floats(sweep_text, "--sweep")))

@@ -99,17 +99,17 @@ def run_models(photos_path: Path, megapixels: float, presets: list[str], threads
 
     import numpy as np
 
-    from chaoqing.config import Config, RemoteSettings
-    from chaoqing.gateway.remote import RemoteModels
-    from chaoqing.modelserver.runners import RunnerSettings, create_runner
     from chaoqing.bench.common import (
-        BenchError,
         HttpConnection,
         encode_photo,
         raise_open_file_limit,
         start_gateway,
         start_model_server,
     )
+    from chaoqing.config import Config, RemoteSettings
+    from chaoqing.errors import BenchError
+    from chaoqing.gateway.remote import RemoteModels
+    from chaoqing.modelserver.runners import RunnerSettings, create_runner
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as model servers do, before ncnn loads
     raise_open_file_limit()
@@ -266,7 +266,8 @@ def _config_toml(config: Any) -> str:
 def models(photos_path: Path | None, megapixels: float, presets_text: str, threads: int, rounds: int,
            as_json: bool) -> None:
     """MP/s of the bundled models: directly, through a model server, end to end."""
-    from chaoqing.bench.common import BenchError, Report, Target, command_line, report
+    from chaoqing.bench.common import Report, Target, command_line, report
+    from chaoqing.errors import BenchError
 
     presets = [item.strip() for item in presets_text.split(",") if item.strip()]
     if not presets or set(presets) - set(PRESET_MODELS):

@@ -52,9 +52,9 @@ def _callers(url: str, model: str, image: Any) -> dict[str, Callable[[], Any]]:
     import tritonclient.http as triton_http
     import urllib3
 
-    from chaoqing.protocol import v2
     from chaoqing.config import RemoteSettings
     from chaoqing.gateway.remote import RemoteModels
+    from chaoqing.protocol import v2
 
     parts = urlsplit(url)
     remote = RemoteModels({model: [url]}, RemoteSettings())[model]
@@ -100,7 +100,8 @@ def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
     """Every client on every payload; one row per (payload, client). Raises BenchError."""
     import numpy as np
 
-    from chaoqing.bench.common import BenchError, raise_open_file_limit, start_model_server, summarize
+    from chaoqing.bench.common import raise_open_file_limit, start_model_server, summarize
+    from chaoqing.errors import BenchError
 
     raise_open_file_limit()
     server = start_model_server(["sim-upscale-x2", "sim-face"], sim_latency_ms=0.0, max_batch_size=1)
@@ -144,7 +145,8 @@ def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def overhead(calls: int, rounds: int, as_json: bool) -> None:
     """µs per v2 call: the gateway's client vs tritonclient, requests, urllib3 (instant sim)."""
-    from chaoqing.bench.common import BenchError, Report, command_line, report
+    from chaoqing.bench.common import Report, command_line, report
+    from chaoqing.errors import BenchError
 
     try:
         import requests  # noqa: F401

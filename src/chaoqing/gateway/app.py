@@ -45,11 +45,11 @@ from chaoqing.errors import (
     http_error_for,
     retry_after_for,
 )
-from chaoqing.protocol.listen import BODY_READ_KEY
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.openapi import openapi_document
 from chaoqing.gateway.pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
 from chaoqing.gateway.remote import RemoteModels
+from chaoqing.protocol.listen import BODY_READ_KEY
 
 __all__ = ["Gateway", "create_app"]
 

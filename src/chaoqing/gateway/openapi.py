@@ -11,7 +11,7 @@ from typing import Any
 from chaoqing import __version__
 from chaoqing.config import Config
 
-__all__ = ["openapi_document", "ERROR_CODES"]
+__all__ = ["ERROR_CODES", "openapi_document"]
 
 ERROR_CODES = (
     "invalid_image", "invalid_parameter", "unauthorized", "image_too_large", "unsupported_media_type",

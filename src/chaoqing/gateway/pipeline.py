@@ -38,26 +38,51 @@ import numpy as np
 import numpy.typing as npt
 from gevent.lock import BoundedSemaphore
 
-from chaoqing.gateway.stages.composite import FacePaste, composite_face_pastes_in_place, prepare_face_paste
 from chaoqing.config import Config
-from chaoqing.gateway.stages.decode import DecodedImage, check_media_type, check_output_size, decode_image, to_8_bit
-from chaoqing.gateway.stages.detect import DETECTOR_OUTPUTS, DetectedFace, faces_from_detections, shrink_for_detection
-from chaoqing.gateway.stages.encode import MEDIA_TYPES, check_encodable, choose_output_format, encode_image
-from chaoqing.gateway.stages.enhance_faces import align_face, choose_crop_size, enhanced_face_from, face_size_in_image
 from chaoqing.errors import BadModelResponse, ChaoqingError, DeadlineExceeded
-from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
 from chaoqing.gateway.remote import CallObserver, RemoteModel, RemoteModels
+from chaoqing.gateway.stages.composite import (
+    FacePaste,
+    composite_face_pastes_in_place,
+    prepare_face_paste,
+)
+from chaoqing.gateway.stages.decode import (
+    DecodedImage,
+    check_media_type,
+    check_output_size,
+    decode_image,
+    to_8_bit,
+)
+from chaoqing.gateway.stages.detect import (
+    DETECTOR_OUTPUTS,
+    DetectedFace,
+    faces_from_detections,
+    shrink_for_detection,
+)
+from chaoqing.gateway.stages.encode import (
+    MEDIA_TYPES,
+    check_encodable,
+    choose_output_format,
+    encode_image,
+)
+from chaoqing.gateway.stages.enhance_faces import (
+    align_face,
+    choose_crop_size,
+    enhanced_face_from,
+    face_size_in_image,
+)
+from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
 from chaoqing.gateway.stages.resize import restore_bit_depth
 from chaoqing.gateway.stages.upscale import upscale_image
 
 __all__ = [
+    "FACE_DEADLINE_RESERVE",
     "EnhanceOptions",
     "EnhanceResult",
     "PipelineServices",
     "enhance_photo",
     "quiet_expected_errors",
     "return_freed_memory_promptly",
-    "FACE_DEADLINE_RESERVE",
 ]
 
 _log = logging.getLogger("chaoqing.gateway.pipeline")

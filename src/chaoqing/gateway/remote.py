@@ -61,9 +61,9 @@ from geventhttpclient import HTTPParseError
 from geventhttpclient.connectionpool import ConnectionPool
 from geventhttpclient.response import HTTPConnectionClosed, HTTPSocketPoolResponse
 
-from chaoqing.protocol import v2
 from chaoqing.config import Config, RemoteSettings
 from chaoqing.errors import BadModelResponse, ModelServerError, ModelTimeout, ModelUnavailable
+from chaoqing.protocol import v2
 
 __all__ = [
     "CallObserver",

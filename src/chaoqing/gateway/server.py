@@ -21,15 +21,15 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from chaoqing.config import Config
-from chaoqing.errors import ChaoqingError
+from chaoqing.errors import ModelsNotReady
 from chaoqing.gateway.app import Gateway
-from chaoqing.protocol.listen import QuietHandler, bound_port, create_listener
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.pipeline import quiet_expected_errors
 from chaoqing.gateway.remote import RemoteModels
 from chaoqing.gateway.supervisor import ModelServerSupervisor
+from chaoqing.protocol.listen import QuietHandler, bound_port, create_listener
 
-__all__ = ["GatewayServer", "start_hub_watch", "open_models", "ModelsNotReady", "MAX_BLOCKING_TIME_S"]
+__all__ = ["MAX_BLOCKING_TIME_S", "GatewayServer", "open_models", "start_hub_watch"]
 
 _log = logging.getLogger("chaoqing.gateway.server")
 
@@ -37,9 +37,6 @@ MAX_BLOCKING_TIME_S = 0.1  # gevent's monitor reports the hub blocked longer tha
 CONNECTIONS_PER_IN_FLIGHT = 8  # idle keep-alive and health-check connections beside the work
 HUB_BLOCK_LOG_INTERVAL_S = 1.0  # at most one "event loop blocked" warning per interval
 
-
-class ModelsNotReady(ChaoqingError):
-    """Model servers did not become ready in time."""
 
 
 def open_models(

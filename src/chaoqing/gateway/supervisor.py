@@ -24,9 +24,9 @@ import gevent
 from gevent import subprocess
 
 from chaoqing.config import ModelServerSettings
-from chaoqing.errors import ChaoqingError
+from chaoqing.errors import SupervisorError
 
-__all__ = ["ModelServerSupervisor", "SupervisorError"]
+__all__ = ["ModelServerSupervisor"]
 
 _log = logging.getLogger("chaoqing.gateway.supervisor")
 
@@ -36,9 +36,6 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_AFTER_S = 30.0  # a child that ran this long resets the back-off
 PR_SET_PDEATHSIG = 1
 
-
-class SupervisorError(ChaoqingError):
-    """A model server child could not be started."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -37,23 +37,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from chaoqing import __version__
-from chaoqing.protocol import v2
-from chaoqing.modelserver.batcher import Batcher, BatchRecord, BatchSettings
 from chaoqing.errors import (
     BodyTooLarge,
     ChaoqingError,
-    SlowRequestBody,
     InvalidTensorRequest,
     Overloaded,
+    SlowRequestBody,
     UnknownModel,
     http_error_for,
     retry_after_for,
 )
-from chaoqing.protocol.listen import BODY_READ_KEY, QuietHandler, bound_port, create_listener
+from chaoqing.modelserver.batcher import Batcher, BatchRecord, BatchSettings
 from chaoqing.modelserver.runners import RunnerSettings, create_runner
 from chaoqing.modelserver.runners.base import ModelSpec, Runner
+from chaoqing.protocol import v2
+from chaoqing.protocol.listen import BODY_READ_KEY, QuietHandler, bound_port, create_listener
 
-__all__ = ["ModelServerOptions", "ModelServer", "ModelServerApp", "validate_inputs"]
+__all__ = ["ModelServer", "ModelServerApp", "ModelServerOptions", "validate_inputs"]
 
 _log = logging.getLogger("chaoqing.modelserver.app")
 

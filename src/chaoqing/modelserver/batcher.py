@@ -36,7 +36,7 @@ from gevent.threadpool import ThreadPool
 from chaoqing.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from chaoqing.modelserver.runners.base import Runner
 
-__all__ = ["BatchSettings", "BatchRecord", "Batcher"]
+__all__ = ["BatchRecord", "BatchSettings", "Batcher"]
 
 _log = logging.getLogger("chaoqing.modelserver.batcher")
 

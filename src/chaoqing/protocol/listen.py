@@ -14,7 +14,7 @@ from typing import Any
 from gevent import Timeout, socket
 from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler
 
-__all__ = ["create_listener", "QuietHandler", "bound_port", "BODY_READ_KEY", "REQUEST_HEAD_TIMEOUT_S"]
+__all__ = ["BODY_READ_KEY", "REQUEST_HEAD_TIMEOUT_S", "QuietHandler", "bound_port", "create_listener"]
 
 # Apps set environ[BODY_READ_KEY] = True once they have read the whole request body. An error
 # answered before that carries "Connection: close", and the handler then closes the connection

@@ -25,20 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from chaoqing.errors import MalformedMessage
+
 __all__ = [
-    "HEADER_LENGTH_HEADER",
     "BINARY_CONTENT_TYPE",
-    "JSON_CONTENT_TYPE",
     "DATATYPES",
-    "MalformedMessage",
+    "HEADER_LENGTH_HEADER",
+    "JSON_CONTENT_TYPE",
+    "EncodedMessage",
     "InferRequest",
     "RequestedOutput",
-    "EncodedMessage",
     "datatype_of",
-    "encode_infer_request",
     "decode_infer_request",
-    "encode_infer_response",
     "decode_infer_response",
+    "encode_infer_request",
+    "encode_infer_response",
 ]
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
@@ -64,9 +65,6 @@ _DATATYPE_BY_KIND = {(dtype.kind, dtype.itemsize): name for name, dtype in DATAT
 
 MAX_DIMENSIONS = 8
 
-
-class MalformedMessage(ValueError):
-    """A v2 message that does not follow the protocol; the text says what is wrong."""
 
 
 @dataclass(frozen=True)

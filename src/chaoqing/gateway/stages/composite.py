@@ -36,10 +36,10 @@ from chaoqing.gateway.stages.face_geometry import (
 __all__ = [
     "EnhancedFace",
     "FacePaste",
-    "prepare_face_paste",
     "composite_face_pastes",
     "composite_face_pastes_in_place",
     "composite_faces",
+    "prepare_face_paste",
 ]
 
 

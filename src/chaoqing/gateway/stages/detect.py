@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from chaoqing.errors import BadModelResponse
 
-__all__ = ["DetectedFace", "shrink_for_detection", "faces_from_detections", "DETECTOR_OUTPUTS"]
+__all__ = ["DETECTOR_OUTPUTS", "DetectedFace", "faces_from_detections", "shrink_for_detection"]
 
 DETECTOR_OUTPUTS = ("boxes", "scores", "landmarks")
 LANDMARK_COUNT = 5

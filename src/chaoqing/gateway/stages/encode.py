@@ -51,8 +51,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from chaoqing.gateway.stages.decode import DecodedImage, PixelArray, row_blocks, to_8_bit
 from chaoqing.errors import InvalidParameter
+from chaoqing.gateway.stages.decode import DecodedImage, PixelArray, row_blocks, to_8_bit
 
 __all__ = [
     "DEFAULT_JPEG_QUALITY",

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from chaoqing.errors import BadModelResponse
 from chaoqing.gateway.stages.composite import EnhancedFace
 from chaoqing.gateway.stages.detect import DetectedFace
-from chaoqing.errors import BadModelResponse
 from chaoqing.gateway.stages.face_geometry import (
     TEMPLATE_SIZE,
     estimate_affine_matrix,
@@ -29,7 +29,7 @@ from chaoqing.gateway.stages.face_geometry import (
     warp_face_by_landmarks,
 )
 
-__all__ = ["FaceCrop", "face_size_in_image", "choose_crop_size", "align_face", "enhanced_face_from", "MIN_CROP_SIZE"]
+__all__ = ["MIN_CROP_SIZE", "FaceCrop", "align_face", "choose_crop_size", "enhanced_face_from", "face_size_in_image"]
 
 MIN_CROP_SIZE = 64
 CROP_MULTIPLE = 16

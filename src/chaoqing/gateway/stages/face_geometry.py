@@ -56,30 +56,29 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from chaoqing.errors import ChaoqingError
+from chaoqing.errors import DegenerateLandmarks
 
 __all__ = [
-    "FFHQ_TEMPLATE_512",
-    "DLIB_5_TEMPLATE_512",
-    "TEMPLATE_SIZE",
     "ANTIALIAS_SIGMA",
     "AREA_OVERSAMPLING",
+    "DLIB_5_TEMPLATE_512",
     "EDGE_FRACTION",
+    "FFHQ_TEMPLATE_512",
     "MASK_RAMP_SAMPLES",
-    "DegenerateLandmarks",
+    "TEMPLATE_SIZE",
     "PasteBox",
-    "scale_template",
-    "estimate_affine_matrix",
-    "warp_face_by_landmarks",
-    "create_resize_matrix",
-    "invert_affine_matrix",
-    "eye_distance",
-    "compute_paste_box",
-    "warp_face_into_box",
-    "create_soft_mask",
-    "blend_patch_into",
     "blend_face_into",
+    "blend_patch_into",
+    "compute_paste_box",
+    "create_resize_matrix",
+    "create_soft_mask",
+    "estimate_affine_matrix",
+    "eye_distance",
+    "invert_affine_matrix",
     "paste_back",
+    "scale_template",
+    "warp_face_by_landmarks",
+    "warp_face_into_box",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -150,9 +149,6 @@ _MIN_ALIGNMENT_SCALE: Final = 1e-6
 
 _SUPPORTED_DTYPES: Final = (np.dtype(np.uint8), np.dtype(np.uint16))
 
-
-class DegenerateLandmarks(ChaoqingError, ValueError):
-    """The landmarks admit no alignment (coincident or non-finite points)."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-__all__ = ["resize_image", "whole_reduction", "restore_bit_depth"]
+__all__ = ["resize_image", "restore_bit_depth", "whole_reduction"]
 
 SIXTEEN_BIT_PER_EIGHT_BIT = 257  # 65535 / 255
 

@@ -45,7 +45,7 @@ from PIL import Image
 
 from chaoqing.gateway.stages.resize import whole_reduction
 
-__all__ = ["Tile", "TilePlan", "plan_tiles", "TileCanvas", "tile_window", "window_core", "RAMP_LEVELS"]
+__all__ = ["RAMP_LEVELS", "Tile", "TileCanvas", "TilePlan", "plan_tiles", "tile_window", "window_core"]
 
 RAMP_LEVELS = 16  # ramp steps per seam: 16 × 16 = 256 per pixel, so 255 × 256 fits a uint16
 WEIGHT_TOTAL = RAMP_LEVELS * RAMP_LEVELS

@@ -45,7 +45,13 @@ from chaoqing.config import TileSettings
 from chaoqing.errors import BadModelResponse
 from chaoqing.gateway.remote import RemoteModel
 from chaoqing.gateway.stages.resize import resize_image
-from chaoqing.gateway.stages.tiling import TileCanvas, TilePlan, plan_tiles, tile_window, window_core
+from chaoqing.gateway.stages.tiling import (
+    TileCanvas,
+    TilePlan,
+    plan_tiles,
+    tile_window,
+    window_core,
+)
 
 __all__ = ["EDGE_PADDING_INPUT", "TileGeometry", "geometry_from_parameters", "tile_geometry_for", "upscale_image"]
 

