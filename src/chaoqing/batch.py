@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import click
@@ -28,6 +28,9 @@ from tqdm import tqdm
 
 from chaoqing.config import Config
 from chaoqing.errors import ChaoqingError, GatewayError, ImageTooLarge, InvalidParameter
+
+if TYPE_CHECKING:
+    from geventhttpclient.response import HTTPResponse
 
 __all__ = ["IMAGE_SUFFIXES", "BatchJob", "BatchSummary", "PhotoOutcome", "PlannedPhoto", "plan_outputs", "run_batch"]
 
@@ -244,14 +247,20 @@ class _ServerRunner:
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {response.status_code}"
             raise GatewayError(message, status=response.status_code)
-        media_type = response.get("content-type", "image/png")
+        media_type = _header(response, "content-type") or "image/png"
         output_format = {"image/jpeg": "jpeg", "image/webp": "webp"}.get(media_type, "png")
-        width, _, height = (response.get("x-output-size") or "0x0").partition("x")
-        return (body, output_format, int(response.get("x-faces-detected", 0)), int(response.get("x-faces-enhanced", 0)),
-                int(width or 0), int(height or 0))
+        width, _, height = (_header(response, "x-output-size") or "0x0").partition("x")
+        return (body, output_format, int(_header(response, "x-faces-detected") or 0),
+                int(_header(response, "x-faces-enhanced") or 0), int(width or 0), int(height or 0))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _header(response: HTTPResponse, name: str) -> str | None:
+    """The value of header ``name``; the last one when it came more than once."""
+    value = response.get(name)
+    return value[-1] if isinstance(value, list) else value
 
 
 def _megapixels(data: bytes) -> float:
@@ -262,7 +271,7 @@ def _megapixels(data: bytes) -> float:
     try:
         with Image.open(BytesIO(data)) as image:
             return image.width * image.height / 1e6
-    except Exception:  # the pipeline will say what is wrong with it
+    except (OSError, ValueError, Image.DecompressionBombError):  # the pipeline will say what is wrong with it
         return 0.0
 
 

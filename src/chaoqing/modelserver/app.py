@@ -41,6 +41,7 @@ from chaoqing.errors import (
     BodyTooLarge,
     ChaoqingError,
     InvalidTensorRequest,
+    MalformedMessage,
     Overloaded,
     SlowRequestBody,
     UnknownModel,
@@ -188,7 +189,7 @@ class ModelServerApp:
             return self._route(method, parts, environ, start_response)
         except ChaoqingError as exc:
             return _error(start_response, exc, _unread_body(environ))
-        except Exception as exc:  # a bug: 500 with a traceback in the log, never in the response
+        except Exception as exc:  # noqa: BLE001 - the error hook: a bug is a 500 with a traceback in the log
             _log.exception("unexpected error on %s %s", method, environ.get("PATH_INFO"))
             return _error(start_response, exc, _unread_body(environ))
 
@@ -247,7 +248,7 @@ class ModelServerApp:
             body, header_length = self._read_body(environ)
             try:
                 request = v2.decode_infer_request(body, header_length)
-            except v2.MalformedMessage as exc:
+            except MalformedMessage as exc:
                 raise InvalidTensorRequest(str(exc)) from None
             validate_inputs(model.spec, request.inputs, self.options.max_input_pixels)
             known_outputs = {tensor.name for tensor in model.spec.outputs}
@@ -407,9 +408,11 @@ class ModelServer:
         try:
             # loading parses weights in C; keep the hub answering health checks meanwhile
             runner = hub.threadpool.apply(self._runner_factory, (model.name, self.options.runner))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback, the model marked failed
+            # a runtime or weights that fail to load can raise anything (from C too); health
+            # says the model failed and the server keeps serving the others
             model.state, model.error = "failed", str(exc)
-            _log.error("model %s failed to load: %s", model.name, exc)
+            _log.exception("model %s failed to load: %s", model.name, exc)
             return
         model.spec = runner.spec
         model.batcher = Batcher(runner, self.options.batching, self._metrics.batch_recorder(model.name))

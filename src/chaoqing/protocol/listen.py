@@ -67,6 +67,7 @@ class QuietHandler(WSGIHandler):  # type: ignore[misc]
 
     request_head_timeout_s = REQUEST_HEAD_TIMEOUT_S
     _head_timer: Timeout | None = None
+    wsgi_input: object | None  # pywsgi's: the request body's Input, None before one is read
 
     def read_requestline(self) -> str:
         timer = Timeout(self.request_head_timeout_s)

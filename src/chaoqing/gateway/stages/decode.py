@@ -312,7 +312,9 @@ def _read_orientation(image: Image.Image, *, pixels_loaded: bool) -> int:
         value = image.getexif().get(EXIF_ORIENTATION_TAG, UPRIGHT)
     except MemoryError:
         raise
-    except Exception:  # a broken EXIF block must not cost the user the image
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the user the image
+        # Pillow's EXIF parser has no documented error set: on hostile bytes it raises
+        # SyntaxError, struct.error, ValueError, OSError, its warnings under -W error, ...
         return UPRIGHT
     return value if isinstance(value, int) and 1 <= value <= 8 else UPRIGHT
 

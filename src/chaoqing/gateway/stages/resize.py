@@ -52,10 +52,10 @@ def resize_image(image: npt.NDArray[np.generic], width: int, height: int) -> npt
         return np.asarray(resized, dtype=np.uint8)
     if image.dtype == np.uint16:
         planes = [image] if image.ndim == 2 else [image[:, :, channel] for channel in range(image.shape[2])]
-        resized_planes = []
+        resized_planes: list[npt.NDArray[np.float32]] = []
         for plane in planes:
             floating = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), "F")
-            resized_planes.append(np.asarray(floating.resize((width, height), Image.Resampling.LANCZOS)))
+            resized_planes.append(np.asarray(floating.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32))
         stacked = resized_planes[0] if image.ndim == 2 else np.stack(resized_planes, axis=2)
         return np.clip(np.rint(stacked), 0, 65535).astype(np.uint16)
     raise ValueError(f"cannot resize {image.dtype} images")

@@ -81,7 +81,7 @@ def upscale_image(
     if tile_size <= 0 or (width <= tile_size and height <= tile_size):
         native = _infer_one(model, rgb8, deadline, request_id)
         _check_native(model, native, width, height)
-        resized = offload(resize_image, native, output_width, output_height)
+        resized: npt.NDArray[np.uint8] = offload(resize_image, native, output_width, output_height)
         # the answer's buffer is this call's own (remote.py reads each body into a fresh
         # bytearray), so a writeable result is handed over as it is; a read-only one (JSON
         # tensors, or another client) is copied, off the hub
