@@ -18,7 +18,7 @@ from chaoqing.protocol.listen import bound_port, create_listener
 
 __all__ = ["BEHAVIOURS", "FakeV2Server"]
 
-BEHAVIOURS = ("hang", "slow", "garbage", "wrong_shape", "wrong_dtype", "error_500", "close_mid_response")
+BEHAVIOURS = ("hang", "slow", "garbage", "wrong_shape", "wrong_dtype", "error_500", "slow_error_500", "close_mid_response")
 
 
 class _Silent:
@@ -82,7 +82,9 @@ class FakeV2Server:
             start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                       ("Inference-Header-Content-Length", "5"), ("Content-Length", "9")])
             return [b"{nope!!!!"]
-        if self.behaviour == "error_500":
+        if self.behaviour == "slow_error_500":
+            gevent.sleep(self.delay_s)
+        if self.behaviour in ("error_500", "slow_error_500"):
             return self._json(start_response, "500 Internal Server Error", {"error": "the fake broke on purpose"})
         if self.behaviour == "close_mid_response":
             start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", "100000"),

@@ -129,8 +129,9 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
 @cli.command()
 @click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
 @click.option("--port", default=None, type=click.IntRange(0, 65535), help="Port to listen on.  [default: 8080]")
-@click.option("--preset", default=None, type=click.Choice(["fast", "balanced", "quality"]),
-              help="Default preset for requests that name none.  [default: balanced]")
+@click.option("--preset", default=None, metavar="NAME",
+              help="Default preset for requests that name none: fast, balanced, quality, or one defined "
+                   "in the config's [presets.NAME].  [default: balanced]")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="TOML file; CHAOQING_* environment variables override it.")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
@@ -189,9 +190,9 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
 @click.option("-o", "--output", "output", default=None, type=click.Path(path_type=Path),
               help="Output folder (default ./enhanced), or a file name for a single input.")
 @click.option("--scale", default=None, type=click.FloatRange(1.0, 4.0), help="Output size over input size.  [default: 2]")
-@click.option("--preset", default=None, type=click.Choice(["fast", "balanced", "quality"]),
-              help="fast: compact model, no faces; balanced: + x4plus faces; quality: x4plus everywhere.  "
-                   "[default: balanced]")
+@click.option("--preset", default=None, metavar="NAME",
+              help="fast: compact model, no faces; balanced: + x4plus faces; quality: x4plus everywhere; or a "
+                   "preset the config defines ([presets.NAME]; with --server, the server's).  [default: balanced]")
 @click.option("--no-faces", is_flag=True, help="Do not enhance faces.")
 @click.option("--format", "output_format", default=None, type=click.Choice(["png", "jpeg", "webp"]),
               help="Output format (default: jpeg for JPEG input, else png).")
@@ -224,7 +225,8 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     from chaoqing.errors import ConfigError
 
     try:
-        config = load_config(config_path, overrides={"preset": preset, "scale": scale})
+        # a remote gateway knows its own presets: only a local run checks the name here
+        config = load_config(config_path, overrides={"preset": None if server else preset, "scale": scale})
     except ConfigError as exc:
         _fail(str(exc))
     try:
@@ -234,7 +236,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     if not planned:
         _fail("no images found in the given inputs (jpg, jpeg, png, webp, gif, bmp, tif, tiff)")
     job = BatchJob(
-        config=config, preset=config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
+        config=config, preset=preset or config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
         quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
     )
     summary = run_batch(planned, job)

@@ -57,6 +57,7 @@ class Limits:
     max_body_bytes: int = 40 * 1024 * 1024
     max_input_pixels: int = 16_000_000
     max_output_pixels: int = 64_000_000
+    max_faces: int = 64  # faces enhanced per photo, the largest first; the rest keep the background
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ class Config:
                 f"tiles.tile_size: {self.tiles.tile_size} must be 0 (no tiling) or more than {minimum_tile} "
                 "(twice overlap + 4·margin)"
             )
+        if self.limits.max_faces < 0:
+            raise ConfigError("limits.max_faces: must be >= 0 (0: no face is enhanced)")
         if self.tiles.overlap < 0 or self.tiles.margin < 0 or self.tiles.max_concurrent_tiles < 1:
             raise ConfigError("tiles: overlap and margin must be >= 0, max_concurrent_tiles >= 1")
         if self.log_format not in ("auto", "json", "text"):

@@ -8,8 +8,9 @@ a shared machine falls on all three alike:
 - **concurrent, through HTTP**: POST /v1/enhance to the gateway process (the figure judged);
 - **concurrent, in process**: :func:`chaoqing.gateway.pipeline.enhance_photo` called here, on the
   same model servers (the gateway's HTTP layer and the upload/download are the difference);
-- **sequential, in process**: the same pipeline with ``EnhanceOptions(sequential=True)``,
-  stage after stage and face after face, the way the GFPGAN / Real-ESRGAN tools work.
+- **sequential, in process**: the pipeline's own stages one after another
+  (:func:`chaoqing.bench.sequential.enhance_photo_sequentially`), stage after stage and
+  face after face, the way the GFPGAN / Real-ESRGAN tools work.
 
 Reported per N: p50/p95 latency; the critical path max(U, D + F) + the measured decode,
 composite and encode (the gateway's Server-Timing medians); the sequential sum U + D + N·F;
@@ -93,11 +94,13 @@ class _Trial:
     def in_process(self, sequential: bool) -> float:
         """The same photo through :func:`enhance_photo` here: milliseconds."""
         from chaoqing.errors import BenchError
+        from chaoqing.bench.sequential import enhance_photo_sequentially
         from chaoqing.gateway.pipeline import EnhanceOptions, enhance_photo
 
-        options = EnhanceOptions(scale=self.scale, preset=PRESET, sequential=sequential)
+        options = EnhanceOptions(scale=self.scale, preset=PRESET)
+        run = enhance_photo_sequentially if sequential else enhance_photo
         sent = time.perf_counter()
-        result = enhance_photo(self.photo, "image/jpeg", options, self.services)
+        result = run(self.photo, "image/jpeg", options, self.services)
         if result.faces_enhanced != self.faces:
             raise BenchError(f"{result.faces_enhanced} of {self.faces} faces enhanced in process")
         return (time.perf_counter() - sent) * 1000.0

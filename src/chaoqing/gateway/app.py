@@ -321,7 +321,7 @@ class EnhanceResource:
             if result is not None:
                 fields.update(
                     bytes_out=len(result.data), faces_detected=result.faces_detected,
-                    faces_enhanced=result.faces_enhanced,
+                    faces_enhanced=result.faces_enhanced, faces_over_limit=result.faces_over_limit,
                     stages_ms={stage: round(seconds * 1000, 1) for stage, seconds in result.timings.items()},
                 )
             if error_code:
@@ -333,9 +333,11 @@ class EnhanceResource:
         response.set_header("Server-Timing", _server_timing(result.timings))
         response.set_header("X-Faces-Detected", str(result.faces_detected))
         response.set_header("X-Faces-Enhanced", str(result.faces_enhanced))
+        response.set_header("X-Faces-Over-Limit", str(result.faces_over_limit))
         response.set_header("X-Output-Size", f"{result.width}x{result.height}")
         response.set_header(
-            "Access-Control-Expose-Headers", "Server-Timing, X-Faces-Detected, X-Faces-Enhanced, X-Request-Id, X-Output-Size"
+            "Access-Control-Expose-Headers",
+            "Server-Timing, X-Faces-Detected, X-Faces-Enhanced, X-Faces-Over-Limit, X-Request-Id, X-Output-Size",
         )
         response.set_header("Timing-Allow-Origin", "*")
 

@@ -61,6 +61,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "X-Faces-Detected": {"description": "Faces the detector found", "schema": {"type": "string"}},
         "X-Faces-Enhanced": {"description": "Faces enhanced and composited; the rest kept the background",
                              "schema": {"type": "string"}},
+        "X-Faces-Over-Limit": {"description": "Faces beyond limits.max_faces (the smallest), kept as background",
+                               "schema": {"type": "string"}},
     }
     security: list[dict[str, list[str]]] = [{"bearer": []}] if config.api_keys else []
     return {

@@ -13,22 +13,33 @@ Policies (named, not scattered):
 
 - the background failing fails the request (its error decides the status: 502/503/504);
 - detection failing fails the request too (the seed's rule: every branch must succeed);
+- a branch the request cannot do without answers the request the moment it fails: the
+  branches are joined with ``gevent.iwait``, the first failure is raised at once and every
+  greenlet still running (the other branch, its faces, their remote calls) is killed;
 - one face failing, or not finishing before ``FACE_DEADLINE_RESERVE`` ahead of the request
   deadline, keeps the background's pixels for that face; the result counts it;
-- on any failure or at the deadline, every greenlet still running is killed.
+- at most ``limits.max_faces`` faces are enhanced, the largest first; the rest keep the
+  background and are counted;
+- at the deadline, every greenlet still running is killed.
+
+Each face ends as a :class:`FaceResult`: enhanced (with its paste), too small, over the
+limit, failed or not finished (with the reason).
 
 All state is per request: nothing here is shared between greenlets except read-only
 arrays. Remote calls happen only in greenlets of this hub; pixel work only in the
-threadpool. ``sequential=True`` runs the same stages one after another, the way the
-GFPGAN / Real-ESRGAN command-line tools do, for benchmarks.
+threadpool. The branches are public building blocks (:func:`prepare_photo`,
+:func:`upscale_background`, :func:`detect_faces`, :func:`enhance_face`,
+:func:`finish_photo`), so a benchmark can run them one after another
+(:mod:`chaoqing.bench.sequential`); the request path has no such mode.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -77,12 +88,24 @@ from chaoqing.gateway.stages.upscale import upscale_image
 
 __all__ = [
     "FACE_DEADLINE_RESERVE",
+    "DetectedFaces",
     "EnhanceOptions",
     "EnhanceResult",
+    "FaceResult",
+    "FaceStatus",
+    "FacesOutcome",
+    "PhotoRequest",
     "PipelineServices",
+    "detect_faces",
+    "enhance_face",
+    "enhance_faces",
     "enhance_photo",
+    "finish_photo",
+    "join_branches",
+    "prepare_photo",
     "quiet_expected_errors",
     "return_freed_memory_promptly",
+    "upscale_background",
 ]
 
 _log = logging.getLogger("chaoqing.gateway.pipeline")
@@ -106,7 +129,53 @@ class EnhanceOptions:
     output_format: str | None = None
     quality: int | None = None
     request_id: str = ""
-    sequential: bool = False
+
+
+class FaceStatus(enum.Enum):
+    """How one detected face ended."""
+
+    ENHANCED = "enhanced"  # restored and pasted
+    TOO_SMALL = "too_small"  # eyes closer than min_eye_distance_px: not worth a model call
+    OVER_LIMIT = "over_limit"  # beyond limits.max_faces (the smallest go first)
+    FAILED = "failed"  # its model call or geometry failed; the background stays
+    NOT_FINISHED = "not_finished"  # still running at the face deadline
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """One face's outcome: its status, the paste when enhanced, the reason when not."""
+
+    index: int
+    status: FaceStatus
+    paste: FacePaste | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FacesOutcome:
+    """Every detected face's result, in detection order."""
+
+    results: tuple[FaceResult, ...] = ()
+
+    @property
+    def detected(self) -> int:
+        return len(self.results)
+
+    @property
+    def pastes(self) -> tuple[FacePaste, ...]:
+        return tuple(result.paste for result in self.results if result.paste is not None)
+
+    def count(self, status: FaceStatus) -> int:
+        return sum(1 for result in self.results if result.status is status)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """The reasons of faces that failed or did not finish."""
+        unfinished = (FaceStatus.FAILED, FaceStatus.NOT_FINISHED)
+        return tuple(result.reason for result in self.results if result.status in unfinished)
+
+
+NO_FACES = FacesOutcome()
 
 
 @dataclass(frozen=True)
@@ -118,10 +187,24 @@ class EnhanceResult:
     output_format: str
     width: int
     height: int
-    faces_detected: int
-    faces_enhanced: int
-    face_errors: tuple[str, ...]
+    faces: FacesOutcome
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def faces_detected(self) -> int:
+        return self.faces.detected
+
+    @property
+    def faces_enhanced(self) -> int:
+        return self.faces.count(FaceStatus.ENHANCED)
+
+    @property
+    def faces_over_limit(self) -> int:
+        return self.faces.count(FaceStatus.OVER_LIMIT)
+
+    @property
+    def face_errors(self) -> tuple[str, ...]:
+        return self.faces.errors
 
 
 @dataclass(frozen=True)
@@ -171,6 +254,25 @@ def offload(function: Callable[..., T], *arguments: Any) -> T:
     return result
 
 
+def join_branches(branches: Iterable[gevent.Greenlet], deadline: float, what: str) -> None:
+    """Wait for every branch, but not a moment longer than needed: the first branch that
+    fails has its exception raised at once, and when the deadline passes DeadlineExceeded
+    is raised. Either way every branch still running is killed (without waiting), so its
+    remote calls are abandoned and their connections closed."""
+    pending = list(branches)
+    try:
+        for finished in gevent.iwait(pending, timeout=max(0.0, deadline - time.monotonic())):
+            if not finished.successful():
+                raise finished.exception
+        for branch in pending:  # iwait stops at the deadline, even as a branch ends at that moment
+            if not branch.dead:
+                raise DeadlineExceeded(f"{what} did not finish by the request's deadline")
+            if not branch.successful():
+                raise branch.exception
+    finally:
+        gevent.killall([branch for branch in pending if not branch.dead], block=False)
+
+
 class _StageTimer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -184,16 +286,6 @@ class _StageTimer:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.monotonic() - started
 
 
-@dataclass(frozen=True)
-class _FaceOutcome:
-    detected: int
-    pastes: tuple[FacePaste, ...]
-    errors: tuple[str, ...]
-
-
-NO_FACES = _FaceOutcome(0, (), ())
-
-
 def _composite(background: npt.NDArray[Any], pastes: tuple[FacePaste, ...]) -> npt.NDArray[Any]:
     """Faces go into the colour channels only; alpha stays the background's. In place: the
     background is this request's own new array, and a copy would cost 3 bytes per output
@@ -204,7 +296,7 @@ def _composite(background: npt.NDArray[Any], pastes: tuple[FacePaste, ...]) -> n
 
 
 @dataclass(frozen=True)
-class _Request:
+class PhotoRequest:
     """Everything the branches of one request share, all read-only."""
 
     decoded: DecodedImage
@@ -213,6 +305,8 @@ class _Request:
     config: Config
     remotes: RemoteModels
     output_size: tuple[int, int]  # width, height
+    output_format: str
+    started: float
     deadline: float
     timer: _StageTimer
 
@@ -223,12 +317,27 @@ class _Request:
 
 
 def enhance_photo(data: bytes, media_type: str | None, options: EnhanceOptions, services: PipelineServices) -> EnhanceResult:
-    """Enhance one encoded photo. Raises ChaoqingError subclasses (see module notes)."""
+    """Enhance one encoded photo: the background and the faces at once, then composite.
+
+    Raises ChaoqingError subclasses (see the module notes): InvalidImage, ImageTooLarge,
+    UnsupportedMediaType, DeadlineExceeded, and the ModelServerError of a failed branch.
+    """
+    request = prepare_photo(data, media_type, options, services)
+    preset = request.config.presets[options.preset]
+    face_model = preset.face_model if options.faces else None
+    background = gevent.spawn(upscale_background, request, preset.upscaler)
+    faces = gevent.spawn(enhance_faces, request, face_model) if face_model else None
+    join_branches([branch for branch in (background, faces) if branch is not None], request.deadline, "the request")
+    return finish_photo(request, background.value, faces.value if faces is not None else NO_FACES)
+
+
+def prepare_photo(data: bytes, media_type: str | None, options: EnhanceOptions, services: PipelineServices) -> PhotoRequest:
+    """Check and decode the upload (threadpool); fix the output size, format and deadline.
+
+    Raises UnsupportedMediaType, InvalidImage, ImageTooLarge."""
     config = services.config
     started = time.monotonic()
-    deadline = started + config.request_deadline_s
     timer = _StageTimer()
-    preset = config.presets[options.preset]
     with timer("decode"):
         check_media_type(media_type, data)
         decoded = offload(decode_image, data, config.limits)
@@ -237,45 +346,32 @@ def enhance_photo(data: bytes, media_type: str | None, options: EnhanceOptions, 
         output_size = (max(1, round(decoded.width * options.scale)), max(1, round(decoded.height * options.scale)))
         check_encodable(output_format, *output_size)
         rgb8: npt.NDArray[np.uint8] = offload(to_8_bit, decoded.rgb)  # the same array when already 8-bit
-    request = _Request(decoded, rgb8, options, config, services.remotes, output_size, deadline, timer)
-    face_model = preset.face_model if options.faces else None
+    return PhotoRequest(
+        decoded, rgb8, options, config, services.remotes, output_size, output_format,
+        started, started + config.request_deadline_s, timer,
+    )
 
-    if options.sequential:
-        background = _upscale_background(request, preset.upscaler)
-        faces = _enhance_faces(request, face_model, sequential=True) if face_model else NO_FACES
-    else:
-        branches = [gevent.spawn(_upscale_background, request, preset.upscaler)]
-        if face_model:
-            branches.append(gevent.spawn(_enhance_faces, request, face_model, sequential=False))
-        try:
-            finished = gevent.joinall(branches, timeout=max(0.0, deadline - time.monotonic()))
-            if len(finished) < len(branches):
-                raise DeadlineExceeded(f"the request did not finish within {config.request_deadline_s:g} s")
-            for branch in branches:
-                if not branch.successful():
-                    raise branch.exception
-        finally:
-            gevent.killall([branch for branch in branches if not branch.dead], block=False)
-        background = branches[0].value
-        faces = branches[1].value if face_model else NO_FACES
 
+def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: FacesOutcome) -> EnhanceResult:
+    """Composite the faces onto the background and encode (threadpool)."""
+    timer = request.timer
     with timer("composite"):
         canvas = offload(_composite, background, faces.pastes) if faces.pastes else background
     with timer("encode"):
         alpha = canvas[:, :, 3] if canvas.shape[2] == 4 else None
+        decoded = request.decoded
         encoded = offload(
-            encode_image, canvas[:, :, :3], alpha, output_format, options.quality, decoded.icc_profile, decoded.bit_depth
+            encode_image, canvas[:, :, :3], alpha, request.output_format, request.options.quality,
+            decoded.icc_profile, decoded.bit_depth,
         )
-    timer.timings["total"] = time.monotonic() - started
+    timer.timings["total"] = time.monotonic() - request.started
     return EnhanceResult(
         data=encoded,
-        media_type=MEDIA_TYPES[output_format],
-        output_format=output_format,
-        width=output_size[0],
-        height=output_size[1],
-        faces_detected=faces.detected,
-        faces_enhanced=len(faces.pastes),
-        face_errors=faces.errors,
+        media_type=MEDIA_TYPES[request.output_format],
+        output_format=request.output_format,
+        width=request.output_size[0],
+        height=request.output_size[1],
+        faces=faces,
         timings=timer.timings,
     )
 
@@ -283,7 +379,7 @@ def enhance_photo(data: bytes, media_type: str | None, options: EnhanceOptions, 
 # -- the background branch ---------------------------------------------------------------
 
 
-def _upscale_background(request: _Request, model_name: str) -> npt.NDArray[Any]:
+def upscale_background(request: PhotoRequest, model_name: str) -> npt.NDArray[Any]:
     """The background at the output size: RGB (+ alpha as a 4th channel), 8 or 16 bits."""
     model = request.remotes[model_name]
     with request.timer("upscale"):
@@ -291,12 +387,9 @@ def _upscale_background(request: _Request, model_name: str) -> npt.NDArray[Any]:
         if alpha is not None and not _is_opaque(alpha):
             # alpha goes through the same model as a grey image, concurrently with the colour
             grey = np.repeat(to_8_bit(alpha)[:, :, None], 3, axis=2)
-            jobs = [gevent.spawn(_upscale_plane, request, model, plane) for plane in (request.rgb8, grey)]
-            try:
-                gevent.joinall(jobs, raise_error=True)
-            finally:
-                gevent.killall([job for job in jobs if not job.dead], block=False)
-            colour, upscaled_alpha = jobs[0].value, jobs[1].value[:, :, 1]
+            planes = [gevent.spawn(_upscale_plane, request, model, plane) for plane in (request.rgb8, grey)]
+            join_branches(planes, request.deadline, "the background")
+            colour, upscaled_alpha = planes[0].value, planes[1].value[:, :, 1]
         else:
             colour, upscaled_alpha = _upscale_plane(request, model, request.rgb8), None
         if request.decoded.bit_depth == 8 and alpha is None:
@@ -308,7 +401,7 @@ def _is_opaque(alpha: npt.NDArray[Any]) -> bool:
     return bool(alpha.min() == np.iinfo(alpha.dtype).max)
 
 
-def _upscale_plane(request: _Request, model: RemoteModel, rgb8: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def _upscale_plane(request: PhotoRequest, model: RemoteModel, rgb8: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return upscale_image(
         model, rgb8, request.output_size, request.config.tiles, request.deadline, offload, request.options.request_id
     )
@@ -336,38 +429,63 @@ def _finish_background(
 # -- the face branch ---------------------------------------------------------------------
 
 
-def _enhance_faces(request: _Request, face_model_name: str, *, sequential: bool) -> _FaceOutcome:
-    """Detect, then enhance every face in its own greenlet; failures keep the background."""
-    detector = request.remotes[request.config.detector]
+@dataclass(frozen=True)
+class DetectedFaces:
+    """The detector's answer, ready to enhance: the faces to enhance (the largest
+    ``limits.max_faces``), those over the limit, and the template their landmarks align to."""
+
+    chosen: tuple[DetectedFace, ...]
+    over_limit: tuple[DetectedFace, ...]
+    template: npt.NDArray[np.float64]
+
+
+def enhance_faces(request: PhotoRequest, face_model_name: str) -> FacesOutcome:
+    """Detect, then enhance every face in its own greenlet; a face that fails keeps the background.
+
+    Raises the detector's ModelServerError (detection is a branch the request needs)."""
+    detected = detect_faces(request)
     face_model = request.remotes[face_model_name]
+    face_deadline = _face_deadline(request)
+    gate = BoundedSemaphore(MAX_FACES_IN_FLIGHT)
+
+    def gated(face: DetectedFace) -> FaceResult:
+        with gate:
+            return enhance_face(request, face_model, face, detected.template, face_deadline)
+
+    with request.timer("faces"):
+        jobs = [gevent.spawn(gated, face) for face in detected.chosen]
+        try:
+            gevent.joinall(jobs, timeout=max(0.0, face_deadline - time.monotonic()))
+        finally:
+            gevent.killall([job for job in jobs if not job.dead], block=False)
+    results = [_face_result(job, face) for job, face in zip(jobs, detected.chosen, strict=True)]
+    results += [FaceResult(face.index, FaceStatus.OVER_LIMIT, reason="over limits.max_faces") for face in detected.over_limit]
+    return FacesOutcome(tuple(sorted(results, key=lambda result: result.index)))
+
+
+def detect_faces(request: PhotoRequest) -> DetectedFaces:
+    """Call the detector on a shrunk copy; keep the largest ``limits.max_faces`` faces.
+
+    Raises ModelServerError subclasses, BadModelResponse for a malformed answer."""
+    detector = request.remotes[request.config.detector]
     with request.timer("detect"):
         small, factor = offload(shrink_for_detection, request.rgb8, request.config.detection_max_side)
         detections = detector.infer({"image": small}, DETECTOR_OUTPUTS, request.deadline, request_id=request.options.request_id)
         faces = faces_from_detections(detections, factor, request.rgb8.shape)
-        template = _alignment_template(detector, request.deadline)
-    if not faces:
-        return NO_FACES
+        template = _alignment_template(detector, request.deadline) if faces else FFHQ_TEMPLATE_512
+    by_size = sorted(faces, key=_box_area, reverse=True)
+    limit = request.config.limits.max_faces
+    return DetectedFaces(tuple(by_size[:limit]), tuple(by_size[limit:]), template)
+
+
+def _box_area(face: DetectedFace) -> float:
+    left, top, right, bottom = face.box
+    return max(0.0, right - left) * max(0.0, bottom - top)
+
+
+def _face_deadline(request: PhotoRequest) -> float:
     budget = request.deadline - time.monotonic()
-    face_deadline = request.deadline - min(FACE_DEADLINE_RESERVE, budget * FACE_DEADLINE_RESERVE_FRACTION)
-    with request.timer("faces"):
-        if sequential:
-            results: list[FacePaste | None | str] = [_try_face(request, face_model, face, template, face_deadline) for face in faces]
-        else:
-            gate = BoundedSemaphore(MAX_FACES_IN_FLIGHT)
-
-            def gated(face: DetectedFace) -> FacePaste | None | str:
-                with gate:
-                    return _try_face(request, face_model, face, template, face_deadline)
-
-            jobs = [gevent.spawn(gated, face) for face in faces]
-            try:
-                gevent.joinall(jobs, timeout=max(0.0, face_deadline - time.monotonic()))
-            finally:
-                gevent.killall([job for job in jobs if not job.dead], block=False)
-            results = [_face_result(job, face) for job, face in zip(jobs, faces, strict=True)]
-    pastes = tuple(item for item in results if isinstance(item, FacePaste))
-    errors = tuple(item for item in results if isinstance(item, str))
-    return _FaceOutcome(len(faces), pastes, errors)
+    return request.deadline - min(FACE_DEADLINE_RESERVE, budget * FACE_DEADLINE_RESERVE_FRACTION)
 
 
 def _alignment_template(detector: RemoteModel, deadline: float) -> npt.NDArray[np.float64]:
@@ -381,29 +499,33 @@ def _alignment_template(detector: RemoteModel, deadline: float) -> npt.NDArray[n
     return template
 
 
-def _face_result(job: gevent.Greenlet, face: DetectedFace) -> FacePaste | None | str:
+def _face_result(job: gevent.Greenlet, face: DetectedFace) -> FaceResult:
     if job.successful():
-        value: FacePaste | None | str = job.value
-        return value
+        result: FaceResult = job.value
+        return result
     if job.exception is not None and not isinstance(job.exception, gevent.GreenletExit):
         _log.error("face %d failed unexpectedly", face.index, exc_info=job.exception)
-        return f"face {face.index}: internal error"
-    return f"face {face.index}: not finished by the deadline"
+        return FaceResult(face.index, FaceStatus.FAILED, reason=f"face {face.index}: internal error")
+    return FaceResult(face.index, FaceStatus.NOT_FINISHED, reason=f"face {face.index}: not finished by the deadline")
 
 
-def _try_face(
-    request: _Request, face_model: RemoteModel, face: DetectedFace, template: npt.NDArray[np.float64], deadline: float
-) -> FacePaste | None | str:
-    """One face: a paste, None when it is too small to enhance, or the reason it failed."""
+def enhance_face(
+    request: PhotoRequest, face_model: RemoteModel, face: DetectedFace, template: npt.NDArray[np.float64], deadline: float
+) -> FaceResult:
+    """One face: align (threadpool), the model, the paste (threadpool). Its own errors make a
+    FAILED result rather than fail the request; anything unexpected still raises."""
     try:
-        return _enhance_face(request, face_model, face, template, deadline)
+        paste = _restore_face(request, face_model, face, template, deadline)
     except ChaoqingError as exc:
         _log.warning("request %s face %d kept as background: %s", request.options.request_id, face.index, exc)
-        return f"face {face.index}: {exc}"
+        return FaceResult(face.index, FaceStatus.FAILED, reason=f"face {face.index}: {exc}")
+    if paste is None:
+        return FaceResult(face.index, FaceStatus.TOO_SMALL, reason="eyes closer than min_eye_distance_px")
+    return FaceResult(face.index, FaceStatus.ENHANCED, paste=paste)
 
 
-def _enhance_face(
-    request: _Request, face_model: RemoteModel, face: DetectedFace, template: npt.NDArray[np.float64], deadline: float
+def _restore_face(
+    request: PhotoRequest, face_model: RemoteModel, face: DetectedFace, template: npt.NDArray[np.float64], deadline: float
 ) -> FacePaste | None:
     side = offload(face_size_in_image, face.landmarks, template)  # an LMEDS fit: ~0.6 ms, off the hub
     eye_distance = side * _TEMPLATE_EYE_DISTANCE_FRACTION
