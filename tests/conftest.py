@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import gevent
 import pytest
@@ -79,7 +79,8 @@ def greenlet_census() -> Iterator[Callable[[], list[gevent.Greenlet]]]:
 def run_cli(*arguments: str, timeout: float = 120, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``chaoqing ARGS`` in a subprocess with this interpreter."""
     command = [sys.executable, "-c", "from chaoqing.cli import main; main()", *arguments]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, **kwargs)
 
 
 SIM_PRESETS = {
@@ -194,7 +195,7 @@ class SwitchWatch:
         self.longest_in = ""
         self._last = self._clock()
 
-    def __enter__(self) -> SwitchWatch:
+    def __enter__(self) -> Self:
         import greenlet
 
         self._previous = greenlet.settrace(self._trace)

@@ -198,8 +198,8 @@ HUB_WATCH_SCRIPT = textwrap.dedent("""
 @pytest.mark.timeout(60)
 def test_hub_blocks_seen_by_gevents_monitor_become_metrics_and_one_log_line() -> None:
     environment = {name: setting for name, setting in os.environ.items() if name != "GEVENT_MAX_BLOCKING_TIME"}
-    completed = subprocess.run([sys.executable, "-c", HUB_WATCH_SCRIPT], capture_output=True, text=True, timeout=40,
-                               env=environment)
+    completed = subprocess.run([sys.executable, "-c", HUB_WATCH_SCRIPT], check=False, capture_output=True, text=True,
+                               timeout=40, env=environment)
     assert completed.returncode == 0, completed.stderr
     samples = {
         (sample.name, frozenset(sample.labels.items())): sample.value
@@ -317,8 +317,8 @@ LOGGING_SCRIPT = textwrap.dedent("""
     ("warning", "json", ["careful"]),
 ])
 def test_log_level_and_format_on_stderr(level: str, log_format: str, expected_messages: list[str]) -> None:
-    completed = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, level, log_format], capture_output=True,
-                               text=True, timeout=20)
+    completed = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, level, log_format], check=False,
+                               capture_output=True, text=True, timeout=20)
     assert completed.returncode == 0, completed.stderr
     records = [json.loads(line) for line in completed.stderr.splitlines()]
     assert [record["message"] for record in records] == expected_messages
@@ -328,8 +328,8 @@ def test_log_level_and_format_on_stderr(level: str, log_format: str, expected_me
 
 @pytest.mark.timeout(30)
 def test_text_logs_for_people() -> None:
-    completed = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, "info", "text"], capture_output=True,
-                               text=True, timeout=20)
+    completed = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, "info", "text"], check=False,
+                               capture_output=True, text=True, timeout=20)
     lines = completed.stderr.splitlines()
     assert len(lines) == 2
     assert "chaoqing.access" in lines[0] and lines[0].endswith("POST /v1/enhance 200  status=200")

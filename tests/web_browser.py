@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 from playwright.sync_api import BrowserContext, Page, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -246,13 +247,16 @@ def main(scenario_path: str) -> int:
             _run_main_flow(page, scenario, output, results)
             if scenario.get("keyed_url"):
                 _run_api_key_flow(context, scenario, results)
-        except Exception as exc:  # recorded for the test to show, with a picture of the moment
+        # a step that failed (Playwright's errors and timeouts, a missing element, a download
+        # that is no image, a value that is no number): recorded for the test to show, with a
+        # picture of the moment; anything else is a bug here and ends the script with a traceback
+        except (PlaywrightError, AssertionError, OSError, ValueError) as exc:
             results["failure"] = f"{type(exc).__name__}: {exc}"
             try:
                 page.screenshot(path=str(output / "failure.png"), full_page=True)
                 results["state_at_failure"] = _state(page)
-            except Exception:
-                pass
+            except PlaywrightError as screenshot_error:  # the page itself is gone
+                results["state_at_failure"] = f"unavailable ({screenshot_error})"
         finally:
             context.close()
     results["foreign_requests"] = [
