@@ -259,6 +259,27 @@ def test_serve_writes_one_json_line_per_request_and_stops_on_sigint(tmp_path: Pa
     assert any(record["message"].startswith("ready in") for record in records)
 
 
+@pytest.mark.timeout(120)
+def test_serve_on_a_busy_port_says_so_before_any_model_server_starts(tmp_path: Path) -> None:
+    from chaoqing.bench.overload import SIM_PRESETS_TOML
+
+    config_path = tmp_path / "chaoqing.toml"
+    config_path.write_text(f"{SIM_PRESETS_TOML}\n[model_server]\nthreads = 1\n")
+    with socket.socket() as holder:  # another program listening on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        command = [sys.executable, "-m", "chaoqing", "serve", "--port", str(port), "--config", str(config_path),
+                   "--log-level", "debug", "--log-format", "text"]
+        completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2, completed.stderr
+    # one line, no traceback; at debug level a model server that had started would have logged
+    assert completed.stderr.splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use; choose another with --port (0 picks a free one)"
+    ], completed.stderr
+    assert completed.stdout == ""
+
+
 # -- doctor ---------------------------------------------------------------------------------------
 
 

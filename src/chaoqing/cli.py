@@ -6,6 +6,7 @@ in :func:`main`, before anything else imports sockets or threads.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -138,25 +139,35 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
               help="How much to log (stderr); info logs one line per request.  [default: info, or log_level in the config]")
 @click.option("--log-format", default=None, type=click.Choice(["auto", "json", "text"]),
               help="auto: text on a terminal, JSON lines otherwise.  [default: auto, or log_format in the config]")
+@click.option("--shutdown-grace-s", "shutdown_grace_s", default=None, type=click.FloatRange(0, 24 * 3600),
+              help="On SIGTERM or Ctrl-C, how long requests in flight may still finish; those still running "
+                   "then are answered 503 shutting_down.  [default: 60, or shutdown_grace_s in the config]")
 def serve(host: str | None, port: int | None, preset: str | None, config_path: str | None, log_level: str | None,
-          log_format: str | None) -> None:
+          log_format: str | None, shutdown_grace_s: float | None) -> None:
     """Run the HTTP API and web page.
 
     Without model endpoints in the config, starts a model-server child process per model
-    (restarted if it crashes). Ctrl-C drains in-flight requests; a second Ctrl-C exits at once.
+    (restarted if it crashes). SIGTERM or Ctrl-C stops accepting and drains the requests in
+    flight for up to --shutdown-grace-s; a second signal exits at once.
     """
     from chaoqing.config import load_config
     from chaoqing.errors import ConfigError, ModelsNotReady, SupervisorError
     from chaoqing.gateway.metrics import GatewayMetrics
     from chaoqing.gateway.pipeline import return_freed_memory_promptly
     from chaoqing.gateway.server import GatewayServer, open_models, wait_until_ready
+    from chaoqing.protocol.listen import create_listener
 
     try:
         config = load_config(config_path, overrides={
             "host": host, "port": port, "preset": preset, "log_level": log_level, "log_format": log_format,
+            "shutdown_grace_s": shutdown_grace_s,
         })
     except ConfigError as exc:
         _fail(str(exc))
+    try:  # before any model server starts: a busy port is said at once, not after their start-up
+        listener = create_listener(config.host, config.port)
+    except OSError as exc:
+        _fail(_cannot_listen_message(config.host, config.port, exc))
     log_level = config.log_level  # flags, then CHAOQING_LOG_LEVEL, then the file, then info
     _setup_logging(log_level, config.log_format)
     needed = config.models_needed()
@@ -167,12 +178,7 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
         remotes, supervisor = open_models(config, needed, metrics, log_level="warning" if log_level == "info" else log_level)
     except SupervisorError as exc:
         _fail(str(exc), 1)
-    try:
-        server = GatewayServer(config, remotes, supervisor, metrics)
-    except OSError as exc:
-        if supervisor is not None:
-            supervisor.stop(2.0)
-        _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1)
+    server = GatewayServer(config, remotes, supervisor, metrics, listener=listener)
     server.start()
     try:
         wait_until_ready(remotes, needed, timeout_s=120)
@@ -182,7 +188,16 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
     _log.info("ready in %.1f s", time.monotonic() - started)
     click.echo(f"chaoqing serving on {server.url}  (web page: {server.url}/  API: {server.url}/openapi.json)")
     sys.stdout.flush()
-    _run_until_signalled(server.serve_forever, server.stop)
+    _run_until_signalled(server.serve_forever, server.stop, config.shutdown_grace_s)
+
+
+def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
+    """One line saying why ``serve`` cannot listen on host:port, and what to do."""
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; choose another with --port (0 picks a free one)"
+    if error.errno == errno.EACCES:
+        return f"no permission to listen on port {port} on {host}; choose a port above 1023 with --port"
+    return f"cannot listen on {host}:{port}: {error.strerror or error}; check --host, or choose another --port"
 
 
 @cli.command()
@@ -270,7 +285,7 @@ def _run_until_signalled(serve: Any, stop: Any, grace_s: float = 10.0) -> None:
             _log.warning("second signal: exiting now")
             sys.exit(1)
         stopping.append(True)
-        _log.info("stopping (draining up to %.0f s; signal again to force)", grace_s)
+        _log.info("stopping (draining up to %g s; signal again to force)", grace_s)
         gevent.spawn(stop, grace_s)
 
     gevent.signal_handler(signal.SIGTERM, on_signal)

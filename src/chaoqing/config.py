@@ -132,6 +132,10 @@ class Config:
     request_deadline_s: float = 300.0
     body_read_timeout_s: float = 60.0  # the whole upload must arrive within this (else 408)
     max_in_flight: int = 16
+    # SIGTERM/Ctrl-C: how long requests in flight may still run before they are answered 503
+    # shutting_down. A balanced request for a ~1 MP photo with a face takes 25-50 s on a 2-core CPU
+    # (docs/benchmarks.md: compact x4 ~23 s/MP, x4plus ~11 s per face), so 60 s lets those finish.
+    shutdown_grace_s: float = 60.0
     detector: str = FACE_DETECTOR
     face_input_size: int = 128
     min_eye_distance_px: float = 5.0
@@ -164,6 +168,8 @@ class Config:
             raise ConfigError("limits.max_faces: must be >= 0 (0: no face is enhanced)")
         if self.tiles.overlap < 0 or self.tiles.margin < 0 or self.tiles.max_concurrent_tiles < 1:
             raise ConfigError("tiles: overlap and margin must be >= 0, max_concurrent_tiles >= 1")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown_grace_s: must be >= 0 (0: answer what is in flight at once)")
         if self.log_format not in ("auto", "json", "text"):
             raise ConfigError(f"log_format: {self.log_format!r} is not auto, json or text")
         if not isinstance(self.endpoints, types.MappingProxyType):

@@ -32,6 +32,7 @@ from typing import Any
 
 import falcon
 import gevent
+from greenlet import greenlet
 
 from chaoqing.config import Config
 from chaoqing.errors import (
@@ -39,6 +40,7 @@ from chaoqing.errors import (
     ImageTooLarge,
     InvalidParameter,
     Overloaded,
+    ShuttingDown,
     SlowRequestBody,
     Unauthorized,
     UnsupportedMediaType,
@@ -64,6 +66,7 @@ MAX_QUALITY_DIGITS = 8  # longer numbers are out of range anyway (and int() refu
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 UNMATCHED_ROUTE = "(unmatched)"  # the route label of requests no route took (bounded label values)
+SHUTTING_DOWN_RETRY_AFTER_S = 1.0  # another gateway process (or this one's successor) takes the retry
 
 
 def _parse_scale(raw: str | None, default: float) -> float:
@@ -121,7 +124,8 @@ class Gateway:
         self.remotes = remotes
         self.metrics = metrics or GatewayMetrics()
         self.services = PipelineServices(config=config, remotes=remotes, observer=self.metrics)
-        self.in_flight = 0
+        self._requests: set[greenlet] = set()  # the greenlets of admitted /v1/enhance requests
+        self.stopping = False
         self._api_keys = tuple(key.encode() for key in config.api_keys)
         self.app = _build_app(self)
 
@@ -200,26 +204,69 @@ class Gateway:
             raise InvalidParameter("the multipart form has no field named 'image'")
         return found
 
+    @property
+    def in_flight(self) -> int:
+        """Enhance requests admitted and not yet released."""
+        return len(self._requests)
+
     def admit(self) -> None:
+        """Count the calling greenlet's request in. Raises ShuttingDown once :meth:`begin_shutdown`
+        was called, Overloaded when ``max_in_flight`` requests are in flight already."""
+        self.refuse_when_stopping()
         if self.in_flight >= self.config.max_in_flight:
             raise Overloaded(
                 f"{self.in_flight} requests in flight, the limit of this gateway process; retry shortly",
                 retry_after_s=1.0,
             )
-        self.in_flight += 1
+        self._requests.add(gevent.getcurrent())
         self.metrics.in_flight.set(self.in_flight)
 
     def release(self) -> None:
-        self.in_flight -= 1
+        """Count the calling greenlet's request out (after :meth:`admit`, in a finally)."""
+        self._requests.discard(gevent.getcurrent())
         self.metrics.in_flight.set(self.in_flight)
+
+    def refuse_when_stopping(self) -> None:
+        """Raises ShuttingDown once :meth:`begin_shutdown` was called."""
+        if self.stopping:
+            raise ShuttingDown(
+                "this gateway process is shutting down; retry on another", retry_after_s=SHUTTING_DOWN_RETRY_AFTER_S
+            )
+
+    def begin_shutdown(self) -> None:
+        """From now on every request is answered 503 shutting_down (with Connection: close);
+        those already admitted go on."""
+        self.stopping = True
+
+    def cancel_in_flight(self) -> int:
+        """Answer every admitted request 503 shutting_down now; returns how many there were.
+
+        Each request's greenlet gets ShuttingDown raised where it waits, unwinds through the
+        pipeline (whose finally blocks kill its branches) and Falcon's error handler writes the
+        JSON 503. The exception is delivered from the hub a moment later, and only to a request
+        still admitted then: one that finished in between is not cut off while it writes."""
+        error = ShuttingDown(
+            "this gateway process stopped before the request finished; retry on another",
+            retry_after_s=SHUTTING_DOWN_RETRY_AFTER_S,
+        )
+        loop = gevent.get_hub().loop
+        requests = list(self._requests)
+        for request_greenlet in requests:
+            loop.run_callback(self._cancel_request, request_greenlet, error)
+        return len(requests)
+
+    def _cancel_request(self, request_greenlet: greenlet, error: ShuttingDown) -> None:
+        if request_greenlet in self._requests and not request_greenlet.dead:
+            request_greenlet.throw(error)  # runs on the hub, as gevent's own Greenlet.kill does
 
     # -- errors --------------------------------------------------------------------------
 
     def handle_error(self, request: falcon.Request, response: falcon.Response, error: Exception, params: Any) -> None:
         """Falcon error handler for everything: the table decides the status."""
-        if _body_unread(request):
+        if _body_unread(request) or isinstance(error, ShuttingDown):
             # QuietHandler then closes the connection rather than read (and wait for) the rest
-            # of a body nobody wants: a 2 GB upload refused with 413 costs nothing more
+            # of a body nobody wants: a 2 GB upload refused with 413 costs nothing more; and a
+            # stopping process takes no further request on a kept-alive connection
             response.set_header("Connection", "close")
         if isinstance(error, falcon.HTTPError) and not isinstance(error, ChaoqingError):
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
@@ -399,6 +446,18 @@ class WebPageResource:
         response.cache_control = ["no-cache"]
 
 
+class RefuseWhenStoppingMiddleware:
+    """Once the gateway is stopping, answers 503 shutting_down to every request but /v1/enhance
+    (which is refused by :meth:`Gateway.admit`, so that its access line says so)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def process_resource(self, request: falcon.Request, response: falcon.Response, resource: Any, params: Any) -> None:
+        if not isinstance(resource, EnhanceResource):
+            self.gateway.refuse_when_stopping()
+
+
 class RequestMetricsMiddleware:
     """Counts and times the requests to every route but /v1/enhance, which records its own
     (with its preset, stages and faces); logs them at debug level (health checks are many)."""
@@ -431,6 +490,7 @@ def create_app(config: Config, remotes: RemoteModels, metrics: GatewayMetrics | 
 
 def _build_app(gateway: Gateway) -> falcon.App:
     app = falcon.App(cors_enable=False, middleware=[RequestMetricsMiddleware(gateway)])
+    app.add_middleware(RefuseWhenStoppingMiddleware(gateway))
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = True

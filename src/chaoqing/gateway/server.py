@@ -4,8 +4,11 @@
 embedded model-server child process for every needed model that has none.
 :class:`GatewayServer` serves the app on a TCP_NODELAY listener with a bounded connection
 pool, watches the hub with gevent's monitor thread (blocking events become metrics), and
-stops gracefully: the listener closes, in-flight requests get ``grace_s`` to finish, then
-the model-server children are stopped.
+stops gracefully (:meth:`GatewayServer.stop`): the listener closes; requests in flight get
+``shutdown_grace_s`` to finish, and a request arriving on a kept-alive connection meanwhile
+is answered 503 ``shutting_down``; what still runs after the grace is answered 503
+``shutting_down`` with Retry-After; then the model-server children are stopped and a final
+"stopped" line is logged.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
+from gevent.socket import socket
 
 from chaoqing.config import Config
 from chaoqing.errors import ModelsNotReady
@@ -36,7 +40,11 @@ _log = logging.getLogger("chaoqing.gateway.server")
 MAX_BLOCKING_TIME_S = 0.1  # gevent's monitor reports the hub blocked longer than this
 CONNECTIONS_PER_IN_FLIGHT = 8  # idle keep-alive and health-check connections beside the work
 HUB_BLOCK_LOG_INTERVAL_S = 1.0  # at most one "event loop blocked" warning per interval
-
+# after the grace, the requests answered 503 shutting_down need a moment to unwind and write it
+SHUTTING_DOWN_WRITE_TIMEOUT_S = 5.0
+# model servers drain what is left of abandoned calls: at most one batch (the model server's own
+# stop allows 10 s too); then the supervisor kills them
+MODEL_SERVER_STOP_TIMEOUT_S = 10.0
 
 
 def open_models(
@@ -102,11 +110,62 @@ def start_hub_watch(metrics: GatewayMetrics) -> None:
     hub.start_periodic_monitoring_thread()
 
 
+class ResponsesInProgress:
+    """How many responses are being produced or written; idle keep-alive connections are not
+    counted, so a stop can wait for the work without waiting for idle clients."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether every response was written within ``timeout_s``."""
+        return bool(self._idle.wait(timeout_s))
+
+
+class _CountingHandler(QuietHandler):
+    """QuietHandler that counts each response from its first byte read to its last written."""
+
+    server: _GatewayWSGIServer
+
+    def handle_one_response(self) -> None:
+        responses = self.server.responses
+        responses.begin()
+        try:
+            super().handle_one_response()
+        finally:
+            responses.end()
+
+
+class _GatewayWSGIServer(WSGIServer):  # type: ignore[misc]
+    """gevent's WSGIServer with a count of the responses in progress."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.responses = ResponsesInProgress()
+
+
 class GatewayServer:
-    """One gateway process's HTTP server. Raises OSError when the address is taken."""
+    """One gateway process's HTTP server.
+
+    Pass ``listener`` (from :func:`chaoqing.protocol.listen.create_listener`) to bind before
+    anything else starts; without it the address is bound here. Raises OSError when the
+    address cannot be bound.
+    """
 
     def __init__(self, config: Config, remotes: RemoteModels, supervisor: ModelServerSupervisor | None = None,
-                 metrics: GatewayMetrics | None = None, *, watch_hub: bool = True) -> None:
+                 metrics: GatewayMetrics | None = None, *, watch_hub: bool = True,
+                 listener: socket | None = None) -> None:
         self.config = config
         self.remotes = remotes
         self.supervisor = supervisor
@@ -114,13 +173,13 @@ class GatewayServer:
         quiet_expected_errors()
         self.gateway = Gateway(config, remotes, self.metrics)
         self.app = self.gateway.app
-        self._listener = create_listener(config.host, config.port)
+        self._listener = listener if listener is not None else create_listener(config.host, config.port)
         self.port = bound_port(self._listener)
         threadpool = gevent.get_hub().threadpool
         threadpool.maxsize = max(threadpool.maxsize, (os.cpu_count() or 2) * 2)
-        self._server = WSGIServer(
+        self._server = _GatewayWSGIServer(
             self._listener, self.app, spawn=config.max_in_flight * CONNECTIONS_PER_IN_FLIGHT,
-            log=None, error_log=_log, handler_class=QuietHandler,
+            log=None, error_log=_log, handler_class=_CountingHandler,
         )
         self._stopped = Event()
         if watch_hub:
@@ -141,21 +200,33 @@ class GatewayServer:
             self.start()
         self._stopped.wait()
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish within ``grace_s``, stop children.
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting; drain; answer what is left 503 shutting_down; stop the children.
 
-        Idle keep-alive connections do not hold the shutdown up: only requests do."""
+        Requests in flight get ``grace_s`` (``config.shutdown_grace_s`` when None) to finish;
+        a request arriving on a kept-alive connection meanwhile is answered 503 shutting_down
+        with Connection: close. /v1/enhance requests still running after the grace are
+        answered 503 shutting_down with Retry-After. Idle keep-alive connections do not hold
+        the shutdown up: only responses do. Ends with a "stopped" line in the log."""
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        started = time.monotonic()
+        responses = self._server.responses
         try:
-            self._server.close()
-            gateway = self.gateway
-            ends_at = time.monotonic() + grace_s
-            while gateway.in_flight and time.monotonic() < ends_at:
-                gevent.sleep(0.05)
-            if gateway.in_flight:
-                _log.warning("%d requests still in flight after %.0f s; stopping them", gateway.in_flight, grace_s)
-            self._server.stop(timeout=0.5)
+            self._server.close()  # the listener: new connections are refused from here on
+            self.gateway.begin_shutdown()
+            if not responses.wait_idle(grace_s):
+                cancelled = self.gateway.cancel_in_flight()
+                if cancelled:
+                    _log.warning("%d request(s) outlasted the %g s grace; answering them 503 shutting_down",
+                                 cancelled, grace_s)
+                    responses.wait_idle(SHUTTING_DOWN_WRITE_TIMEOUT_S)
+                if responses.count:
+                    _log.warning("%d response(s) not written after the grace; closing their connections",
+                                 responses.count)
+            self._server.stop(timeout=0)  # closes idle keep-alive connections, and any response left
             self.remotes.close()
             if self.supervisor is not None:
-                self.supervisor.stop(grace_s=grace_s)
+                self.supervisor.stop(grace_s=MODEL_SERVER_STOP_TIMEOUT_S)
+            _log.info("stopped in %.1f s", time.monotonic() - started)
         finally:
             self._stopped.set()
