@@ -33,9 +33,11 @@ _SILENT = _Silent()
 
 
 class FakeV2Server:
-    """A v2 'upscaler' (scale ``scale``) whose infer does ``behaviour``."""
+    """A v2 'upscaler' (scale ``scale``) whose infer does ``behaviour``; ``parameters`` are added
+    to its metadata's; ``port`` 0 picks a free one."""
 
-    def __init__(self, behaviour: str, model: str = "fake-upscaler", scale: int = 4, delay_s: float = 0.5) -> None:
+    def __init__(self, behaviour: str, model: str = "fake-upscaler", scale: int = 4, delay_s: float = 0.5,
+                 *, port: int = 0, parameters: dict[str, Any] | None = None) -> None:
         if behaviour not in BEHAVIOURS:
             raise ValueError(behaviour)
         self.behaviour = behaviour
@@ -43,7 +45,8 @@ class FakeV2Server:
         self.scale = scale
         self.delay_s = delay_s
         self.calls = 0
-        self._listener = create_listener("127.0.0.1", 0)
+        self.parameters = parameters or {}
+        self._listener = create_listener("127.0.0.1", port)
         self.port = bound_port(self._listener)
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = WSGIServer(self._listener, self._app, log=None, error_log=_SILENT)
@@ -66,7 +69,7 @@ class FakeV2Server:
                 "name": self.model, "platform": "fake", "versions": ["1"],
                 "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
                 "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
-                "parameters": {"scale": self.scale, "max_batch_size": 8},
+                "parameters": {"scale": self.scale, "max_batch_size": 8, **self.parameters},
             })
         self.calls += 1
         length = int(environ.get("CONTENT_LENGTH") or 0)

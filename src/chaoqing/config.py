@@ -104,6 +104,17 @@ class RemoteSettings:
     health_interval_s: float = 1.0
     eject_after_failures: int = 3
     eject_for_s: float = 5.0
+    # One attempt of a model call may go this long unanswered before its replica counts as
+    # silent (ejected, the call retried once on another within the request's deadline); a
+    # model whose metadata publishes attempt_timeout_s uses that instead; 0: the deadline alone.
+    # 180 s: a call can wait out a full batch and then run in one on a 2-core CPU (x4plus,
+    # 8 faces of 128 px at ~9.4 s each, docs/model-server.md: ~150 s), and 120 s of the
+    # default 300 s deadline stay for the retry.
+    attempt_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if not self.attempt_timeout_s >= 0:  # NaN too
+            raise ConfigError(f"remote.attempt_timeout_s: {self.attempt_timeout_s} must be 0 (none) or positive")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,18 @@ Shape::
                                        with TCP_NODELAY, outstanding-call count, circuit
 
 Each call has a deadline (an absolute ``time.monotonic()`` value, usually the request's),
-enforced with :class:`gevent.Timeout` around the whole exchange, not only per socket
-operation; the remaining time is also sent as Triton's ``timeout`` parameter so a server
-drops work nobody waits for.
+and each attempt of a call its own limit: the deadline or the model's attempt timeout,
+whichever comes first, enforced with :class:`gevent.Timeout` around the whole exchange, not
+only per socket operation. The attempt's limit is also sent as Triton's ``timeout``
+parameter so a server drops work nobody waits for.
+
+Attempt timeout. A replica that accepts a call and never answers (a wedged process, a
+stopped VM) would otherwise hold the call until the request's deadline. The attempt timeout
+is the model's published ``parameters.attempt_timeout_s`` once its metadata has been read,
+else ``RemoteSettings.attempt_timeout_s`` (0: none, the deadline alone). An attempt past it,
+with the deadline not yet reached, counts as ``attempt_timeout``, ejects its replica at once
+(it is let back after ``eject_for_s``, when a health check says ready or a trial call
+succeeds) and is retried once on another replica within the same deadline.
 
 Replicas. Each call goes to the available endpoint with the fewest calls outstanding from
 this process (ties broken at random). The counts are this process's own and exact, so
@@ -32,9 +41,14 @@ ready again, so a restarted replica takes calls within about a second; an endpoi
 for failing calls while it says it is ready waits out ``eject_for_s`` (else a server that
 answers every call with 500 would be let back every second). A call that fails on
 one replica with a retryable error (unreachable, connection lost mid-call, 5xx, malformed
-answer) is retried once on another replica within the same deadline; client errors (4xx)
-and timeouts are not retried (a timeout is the request's deadline: nothing is left to retry
-with).
+answer, the attempt timeout) is retried once on another replica within the same deadline;
+client errors (4xx) and the deadline are not retried (nothing is left to retry with). While
+a health check says an ejected endpoint is not ready, it stays ejected: no trial call goes
+to a server that says it cannot take one.
+
+Start-up. A replica a health check has never seen ready is starting, not failing: its
+circuit is held open without a "circuit open" line, and its first ready is logged as
+"ready". Failures after that are logged as circuits opening and closing.
 
 Errors (all :class:`chaoqing.errors.ModelServerError`): ModelUnavailable (refused,
 unreachable, 503, circuit open), ModelTimeout (deadline passed), BadModelResponse
@@ -46,12 +60,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import socket as stdlib_socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import gevent
@@ -62,7 +77,13 @@ from geventhttpclient.connectionpool import ConnectionPool
 from geventhttpclient.response import HTTPConnectionClosed, HTTPSocketPoolResponse
 
 from chaoqing.config import Config, RemoteSettings
-from chaoqing.errors import BadModelResponse, ModelServerError, ModelTimeout, ModelUnavailable
+from chaoqing.errors import (
+    BadModelResponse,
+    MalformedMessage,
+    ModelServerError,
+    ModelTimeout,
+    ModelUnavailable,
+)
 from chaoqing.protocol import v2
 
 __all__ = [
@@ -78,8 +99,14 @@ _log = logging.getLogger("chaoqing.gateway.remote")
 
 RESPONSE_BLOCK_SIZE = 256 * 1024  # recv size for responses: big tensors in few syscalls
 HEALTH_TIMEOUT_S = 2.0
+# one metadata attempt (a model server answers metadata from its event loop, not its queue);
+# a fetch without a deadline may retry once within twice this
 METADATA_TIMEOUT_S = 10.0
+ATTEMPT_TIMEOUT_PARAMETER = "attempt_timeout_s"  # in a model's metadata parameters, seconds
+HEALTH_CHECK = "health check"  # the reason given for circuit changes a health check makes
 CIRCUIT_CLOSED, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN = "closed", "open", "half_open"
+
+_Result = TypeVar("_Result")
 
 
 class CallObserver(Protocol):
@@ -129,6 +156,15 @@ class ModelMetadata:
         raw = self.parameters.get("max_batch_size", 0)
         return raw if isinstance(raw, int) else 0
 
+    @property
+    def attempt_timeout_s(self) -> float | None:
+        """The longest one call should take, as the model server sees it
+        (``parameters.attempt_timeout_s``); None when absent or not a positive number."""
+        raw = self.parameters.get(ATTEMPT_TIMEOUT_PARAMETER)
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw) or raw <= 0:
+            return None
+        return float(raw)
+
     def input(self, name: str) -> TensorMetadata:
         for tensor in self.inputs:
             if tensor.name == name:
@@ -153,12 +189,12 @@ class ModelMetadata:
             raise BadModelResponse(f"model {model}: metadata is malformed ({exc})", model=model) from None
 
 
-class _NoDelayPool(ConnectionPool):  # type: ignore[misc]
+class _NoDelayPool(ConnectionPool):
     def after_connect(self, sock: Any) -> None:
         sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
 
 
-class _PoolResponse(HTTPSocketPoolResponse):  # type: ignore[misc]
+class _PoolResponse(HTTPSocketPoolResponse):
     """geventhttpclient's pooled response, but a Content-Length body is read straight into one
     preallocated buffer with recv_into: the parser's own read copies every block twice in
     Python (6.5 ms against 1.6 ms for a 3 MB tensor here, on the hub). A body cut short
@@ -227,8 +263,10 @@ class Endpoint:
         self._trial_in_flight = False
         # whether a ready health check may close an open circuit before open_until: yes when it
         # opened because the server was down (refused, or not ready); no when the server answered
-        # but failed (5xx, timeouts, malformed tensors) while it says it is ready
+        # but failed (5xx, timeouts, malformed tensors) or went silent while it says it is ready
         self.readmit_when_ready = False
+        # whether a health check has ever seen it ready: until then it is starting, not failing
+        self.seen_ready = False
 
     def __repr__(self) -> str:
         return f"Endpoint({self.url!r}, circuit={self.circuit}, outstanding={self.outstanding})"
@@ -239,9 +277,7 @@ class Endpoint:
         """Whether a call may go here now (a half-open circuit lets one trial through)."""
         if self.circuit == CIRCUIT_CLOSED:
             return True
-        if now >= self.open_until and not self._trial_in_flight:
-            return True
-        return False
+        return now >= self.open_until and not self._trial_in_flight
 
     def record_success(self) -> str | None:
         self.consecutive_failures = 0
@@ -252,16 +288,25 @@ class Endpoint:
             return CIRCUIT_CLOSED
         return None
 
-    def record_failure(self, now: float, *, eject_now: bool) -> str | None:
+    def record_failure(self, now: float, *, eject_now: bool, server_down: bool = False) -> str | None:
+        """Count a failure; open the circuit at once (``eject_now``) or after enough in a row.
+
+        ``server_down``: the server is not there (refused, not ready), so a ready health check
+        may re-admit it before ``eject_for_s`` has passed."""
         self.consecutive_failures += 1
         self._trial_in_flight = False
-        self.readmit_when_ready = eject_now
+        self.readmit_when_ready = server_down
         if eject_now or self.circuit != CIRCUIT_CLOSED or self.consecutive_failures >= self.settings.eject_after_failures:
             self.open_until = now + self.settings.eject_for_s
             if self.circuit != CIRCUIT_OPEN:
                 self.circuit = CIRCUIT_OPEN
                 return CIRCUIT_OPEN
         return None
+
+    def hold_open(self, now: float) -> None:
+        """Keep an ejected endpoint ejected (a health check says it is not ready): no trial call."""
+        if self.circuit == CIRCUIT_OPEN:
+            self.open_until = max(self.open_until, now + self.settings.eject_for_s)
 
     def begin(self, now: float) -> None:
         self.outstanding += 1
@@ -367,13 +412,27 @@ class RemoteModel:
         least_busy = [endpoint for endpoint in candidates if endpoint.outstanding == fewest]
         return least_busy[0] if len(least_busy) == 1 else self._rng.choice(least_busy)
 
-    def _note(self, endpoint: Endpoint, change: str | None, reason: str = "") -> None:
+    def _note(self, endpoint: Endpoint, change: str | None, reason: str = "", *, starting: bool = False) -> None:
+        """Log and observe a circuit change. ``starting``: the endpoint has not been ready yet,
+        and a server still starting is no failure (logged at DEBUG only)."""
         if change is not None:
-            # a health check seeing a server still loading is routine; a failing call is not
-            level = logging.INFO if reason == "health check" else logging.WARNING
+            # a health check seeing a server go down is routine; a failing call is not
+            level = logging.DEBUG if starting else logging.INFO if reason == HEALTH_CHECK else logging.WARNING
             _log.log(level, "model %s endpoint %s: circuit %s%s", self.name, endpoint.url, change,
                      f" ({reason})" if reason else "")
             self._observer.on_circuit(self.name, endpoint.url, change)
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """How long one attempt of an inference call may go unanswered before its endpoint
+        counts as silent: the model's published ``attempt_timeout_s`` once its metadata has
+        been read, else ``settings.attempt_timeout_s``; infinite (the deadline alone) when
+        that is 0."""
+        published = self._metadata.attempt_timeout_s if self._metadata is not None else None
+        if published is not None:
+            return published
+        configured = self.settings.attempt_timeout_s
+        return configured if configured > 0 else math.inf
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -386,15 +445,24 @@ class RemoteModel:
         headers: Mapping[str, str] | None,
         deadline: float,
         purpose: str,
+        attempt_timeout_s: float,
     ) -> _Reply:
-        """One call to one endpoint, with circuit bookkeeping and error translation."""
+        """One call to one endpoint, with circuit bookkeeping and error translation.
+
+        It may take ``attempt_timeout_s`` or until ``deadline``, whichever comes first. Past
+        its own timeout, the deadline not reached, the endpoint is taken for silent: ejected at
+        once, the outcome ``attempt_timeout``. The connection of an interrupted exchange is
+        closed, never returned to the pool. Raises ModelTimeout, ModelUnavailable or
+        ModelServerError.
+        """
         started = time.monotonic()
         remaining = deadline - started
         if remaining <= 0:
             raise ModelTimeout(f"model {self.name}: deadline passed before the call", model=self.name, endpoint=endpoint.url)
+        limit_s = min(remaining, attempt_timeout_s)
         endpoint.begin(started)
         outcome = "error"
-        timeout = Timeout(remaining)
+        timeout = Timeout(limit_s)
         timeout.start()
         try:
             try:
@@ -402,6 +470,15 @@ class RemoteModel:
             except Timeout as exc:
                 if exc is not timeout:
                     raise
+                if limit_s < remaining:
+                    outcome = "attempt_timeout"
+                    self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=True),
+                               f"no answer within the attempt timeout of {limit_s:g} s")
+                    raise ModelTimeout(
+                        f"model {self.name} at {endpoint.url}: no answer within the attempt timeout of "
+                        f"{limit_s:.3f} s ({purpose})",
+                        model=self.name, endpoint=endpoint.url,
+                    ) from None
                 outcome = "timeout"
                 self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=False))
                 raise ModelTimeout(
@@ -411,7 +488,7 @@ class RemoteModel:
             except (OSError, HTTPConnectionClosed, HTTPParseError, ValueError) as exc:
                 outcome = "unreachable"
                 refused = isinstance(exc, ConnectionRefusedError)
-                self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=refused))
+                self._note(endpoint, endpoint.record_failure(time.monotonic(), eject_now=refused, server_down=refused))
                 raise ModelUnavailable(
                     f"model {self.name} at {endpoint.url} is unreachable: {exc or type(exc).__name__}",
                     model=self.name, endpoint=endpoint.url,
@@ -439,15 +516,22 @@ class RemoteModel:
             endpoint.end()
             self._observer.on_call(self.name, endpoint.url, outcome, time.monotonic() - started)
 
-    def _with_retry(self, attempt: Callable[[Endpoint], Any]) -> Any:
-        """Run ``attempt`` on a chosen endpoint; once more on another one after a retryable failure."""
+    def _with_retry(self, attempt: Callable[[Endpoint], _Result], deadline: float, attempt_timeout_s: float) -> _Result:
+        """Run ``attempt`` on a chosen endpoint; once more on another one after a retryable failure.
+
+        A timeout is retried only when it was the attempt's own (``attempt_timeout_s`` ended
+        before ``deadline``); the deadline leaves nothing to retry with.
+        """
         endpoint = self._choose(None)
+        started = time.monotonic()
         try:
             return attempt(endpoint)
-        except ModelTimeout:
-            raise
-        except (ModelUnavailable, BadModelResponse) as first_error:
+        except ModelTimeout as first_error:
+            if started + attempt_timeout_s >= deadline:
+                raise
             retry_on: ModelServerError = first_error
+        except (ModelUnavailable, BadModelResponse) as first_error:
+            retry_on = first_error
         except ModelServerError as first_error:
             if first_error.status < 500:
                 raise
@@ -460,19 +544,24 @@ class RemoteModel:
         return attempt(other)
 
     def metadata(self, deadline: float | None = None) -> ModelMetadata:
-        """The model's v2 metadata (fetched once, then cached)."""
+        """The model's v2 metadata (fetched once, then cached).
+
+        Raises ModelTimeout, ModelUnavailable, BadModelResponse or ModelServerError.
+        """
         if self._metadata is None:
-            stop = deadline if deadline is not None else time.monotonic() + METADATA_TIMEOUT_S
+            stop = deadline if deadline is not None else time.monotonic() + 2 * METADATA_TIMEOUT_S
 
             def fetch(endpoint: Endpoint) -> ModelMetadata:
-                reply = self._call(endpoint, "GET", f"/v2/models/{self.name}", (), None, stop, "metadata")
+                reply = self._call(
+                    endpoint, "GET", f"/v2/models/{self.name}", (), None, stop, "metadata", METADATA_TIMEOUT_S
+                )
                 try:
                     payload = json.loads(reply.body)
                 except (ValueError, RecursionError):
                     raise BadModelResponse(f"model {self.name}: metadata is not JSON", model=self.name) from None
                 return ModelMetadata.from_json(payload, self.name)
 
-            self._metadata = self._with_retry(fetch)
+            self._metadata = self._with_retry(fetch, stop, METADATA_TIMEOUT_S)
         return self._metadata
 
     def infer(
@@ -485,22 +574,27 @@ class RemoteModel:
     ) -> dict[str, np.ndarray]:
         """Run the model on ``inputs``; return the requested ``outputs`` (read-only arrays).
 
-        ``deadline`` is absolute, on the ``time.monotonic()`` clock. Raises ModelTimeout,
-        ModelUnavailable, BadModelResponse or ModelServerError.
+        ``deadline`` is absolute, on the ``time.monotonic()`` clock; each attempt also has
+        :attr:`attempt_timeout_s`, after which it is retried once on another endpoint. Raises
+        ModelTimeout, ModelUnavailable, BadModelResponse or ModelServerError.
         """
+        attempt_timeout_s = self.attempt_timeout_s
 
         def attempt(endpoint: Endpoint) -> dict[str, np.ndarray]:
-            remaining_us = max(1, int((deadline - time.monotonic()) * 1e6))
+            limit_us = max(1, int(min(deadline - time.monotonic(), attempt_timeout_s) * 1e6))
             message = v2.encode_infer_request(
-                inputs, outputs, request_id=request_id, parameters={"timeout": remaining_us}
+                inputs, outputs, request_id=request_id, parameters={"timeout": limit_us}
             )
             headers = {key: value for key, value in message.http_headers().items() if key != "Content-Length"}
-            reply = self._call(endpoint, "POST", f"/v2/models/{self.name}/infer", message.chunks, headers, deadline, "infer")
+            reply = self._call(
+                endpoint, "POST", f"/v2/models/{self.name}/infer", message.chunks, headers, deadline, "infer",
+                attempt_timeout_s,
+            )
             raw_length = reply.headers.get(v2.HEADER_LENGTH_HEADER.lower())
             try:
                 header_length = int(raw_length) if raw_length is not None else None
                 tensors = v2.decode_infer_response(reply.body, header_length)
-            except (ValueError, v2.MalformedMessage) as exc:
+            except (ValueError, MalformedMessage) as exc:
                 raise BadModelResponse(
                     f"model {self.name} at {endpoint.url}: malformed response ({exc})", model=self.name, endpoint=endpoint.url
                 ) from None
@@ -512,13 +606,16 @@ class RemoteModel:
                 )
             return {name: tensors[name] for name in outputs}
 
-        result: dict[str, np.ndarray] = self._with_retry(attempt)
-        return result
+        return self._with_retry(attempt, deadline, attempt_timeout_s)
 
     # -- health ---------------------------------------------------------------------------
 
     def check_health(self) -> dict[str, bool]:
-        """Ask each endpoint whether it is ready; eject or re-admit accordingly."""
+        """Ask each endpoint whether it is ready; eject or re-admit accordingly.
+
+        An endpoint never seen ready is starting: held out without a circuit-open line, and
+        its first ready is logged as "ready". An ejected endpoint that says it is not ready
+        stays ejected."""
         results: dict[str, bool] = {}
 
         def probe(endpoint: Endpoint) -> None:
@@ -530,10 +627,17 @@ class RemoteModel:
             except (Timeout, OSError, HTTPConnectionClosed, HTTPParseError, ValueError):
                 ready = False
             now = time.monotonic()
+            starting = not endpoint.seen_ready
             if ready and endpoint.circuit != CIRCUIT_CLOSED and (endpoint.readmit_when_ready or now >= endpoint.open_until):
-                self._note(endpoint, endpoint.record_success(), "health check")
+                self._note(endpoint, endpoint.record_success(), HEALTH_CHECK, starting=starting)
             elif not ready and endpoint.circuit == CIRCUIT_CLOSED:
-                self._note(endpoint, endpoint.record_failure(now, eject_now=True), "health check")
+                self._note(endpoint, endpoint.record_failure(now, eject_now=True, server_down=True), HEALTH_CHECK,
+                           starting=starting)
+            elif not ready:
+                endpoint.hold_open(now)
+            if ready and starting:
+                endpoint.seen_ready = True
+                _log.info("model %s endpoint %s: ready", self.name, endpoint.url)
             results[endpoint.url] = ready
 
         gevent.joinall([gevent.spawn(probe, endpoint) for endpoint in self.endpoints], timeout=HEALTH_TIMEOUT_S * 2)
