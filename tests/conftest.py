@@ -25,18 +25,25 @@ from chaoqing.modelserver.app import ModelServer, ModelServerOptions
 from chaoqing.modelserver.batcher import BatchSettings
 from chaoqing.modelserver.runners import RunnerSettings
 
+SIM_OPTION_KEYWORDS = {"sim_latency_ms": "latency_ms", "sim_faces": "faces", "sim_concurrency": "concurrency"}
+
 
 @pytest.fixture
 def start_model_server() -> Iterator[Callable[..., ModelServer]]:
     """Start in-process model servers on 127.0.0.1, port 0; all are stopped after the test.
 
     ``start_model_server(["sim-upscale-x2"], sim_latency_ms=10, max_batch_size=8, ...)``;
-    ``runner_factory=`` substitutes runners (orchestration tests only).
+    ``sim_latency_ms``, ``sim_faces`` and ``sim_concurrency`` become the simulators' model
+    options (``latency_ms``, ``faces``, ``concurrency``); ``runner_factory=`` substitutes
+    runners (orchestration tests only).
     """
     servers: list[ModelServer] = []
 
     def start(models: list[str], *, runner_factory: Any = None, ready_timeout_s: float = 60.0, **settings: Any) -> ModelServer:
+        model_options = {option: str(settings.pop(keyword)) for keyword, option in SIM_OPTION_KEYWORDS.items()
+                         if keyword in settings}
         runner_fields = {key: settings.pop(key) for key in list(settings) if key in RunnerSettings.__dataclass_fields__}
+        runner_fields.setdefault("model_options", model_options)
         batch_fields = {key: settings.pop(key) for key in list(settings) if key in BatchSettings.__dataclass_fields__}
         runner_fields.setdefault("threads", 2)
         options = ModelServerOptions(
@@ -139,7 +146,7 @@ def start_sim_gateway(start_model_server: Callable[..., ModelServer]) -> Iterato
 
 @pytest.fixture
 def start_model_server_process() -> Iterator[Callable[..., str]]:
-    """``start_model_server_process("sim-upscale-x4", "--sim-latency-ms", "100")`` → URL of a
+    """``start_model_server_process("sim-upscale-x4", "--model-option", "latency_ms=100")`` → URL of a
     ``chaoqing model-server`` child process (ready); all are stopped after the test."""
     import time
 

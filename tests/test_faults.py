@@ -257,7 +257,7 @@ def test_refused_connections_are_503_at_once(start_sim_gateway: StartGateway, le
 
 def _start_sim_process(latency_ms: int) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "chaoqing", "model-server", "--model", "sim-upscale-x4", "--port", "0",
-               "--sim-latency-ms", str(latency_ms), "--log-level", "error", "--threads", "1"]
+               "--model-option", f"latency_ms={latency_ms}", "--log-level", "error", "--threads", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     url = process.stdout.readline().split("listening on ")[1].split()[0]
@@ -294,7 +294,7 @@ def test_a_model_server_killed_mid_request_then_restarted(
         assert_clean(gateway, baseline, port)
         # the server comes back on the same port (as the supervisor restarts it): the gateway recovers
         command = [sys.executable, "-m", "chaoqing", "model-server", "--model", "sim-upscale-x4", "--port", str(port),
-                   "--sim-latency-ms", "10", "--log-level", "error", "--threads", "1"]
+                   "--model-option", "latency_ms=10", "--log-level", "error", "--threads", "1"]
         replacement = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert _eventually(lambda: _ready(url), 20)
         assert _eventually(lambda: _post(gateway, "?faces=false")[0].status_code == 200, 5.0), "no recovery"

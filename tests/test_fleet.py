@@ -2,8 +2,8 @@
 replica that comes back.
 
 The replicas are real ``chaoqing model-server`` processes running ``sim-upscale-x4`` with
-``--max-batch-size 1 --sim-concurrency 1``: each computes one tile at a time, taking the
-simulated latency L per tile, the way one accelerator would. (Without those options a sim
+``--max-batch-size 1 --model-option concurrency=1``: each computes one tile at a time, taking
+the simulated latency L per tile, the way one accelerator would. (Without those options a sim
 server has unlimited concurrency, and one replica would be as fast as four.) Processes, not
 in-process servers, so that a test can SIGKILL one and start it again on the same port.
 """
@@ -135,7 +135,8 @@ def fleet() -> Iterator[ReplicaFleet]:
 
 
 def _one_tile_at_a_time(latency_s: float) -> tuple[str, ...]:
-    return ("--sim-latency-ms", str(latency_s * 1000), "--max-batch-size", "1", "--sim-concurrency", "1")
+    return ("--model-option", f"latency_ms={latency_s * 1000}", "--max-batch-size", "1",
+            "--model-option", "concurrency=1")
 
 
 def _photo_png(side: int = PHOTO_SIDE) -> bytes:
@@ -175,11 +176,11 @@ def test_the_photo_is_cut_into_sixteen_tiles() -> None:
 
 
 @pytest.mark.parametrize("sim_concurrency, rounds", [(1, 4), (0, 1)])
-def test_sim_concurrency_one_makes_a_sim_server_compute_one_call_at_a_time(
+def test_concurrency_one_makes_a_sim_server_compute_one_call_at_a_time(
     start_model_server: Callable[..., ModelServer], sim_concurrency: int, rounds: int
 ) -> None:
     """The option the fleet tests rest on: 4 calls at once to one sim server take 4·L with
-    ``sim_concurrency=1`` (and batches of one), L without it (every batch waits on its own)."""
+    ``concurrency=1`` (and batches of one), L without it (every batch waits on its own)."""
     latency_s = 0.2
     server = start_model_server([UPSCALER], sim_latency_ms=latency_s * 1000, max_batch_size=1,
                                 sim_concurrency=sim_concurrency)

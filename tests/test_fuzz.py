@@ -192,7 +192,7 @@ GOOD_HEADER_LENGTH = v2.encode_infer_request(
 
 
 def _sim_spec() -> Any:
-    return create_runner("sim-upscale-x2", RunnerSettings(sim_latency_ms=0)).spec
+    return create_runner("sim-upscale-x2", RunnerSettings()).spec
 
 
 SIM_SPEC = _sim_spec()
@@ -251,7 +251,7 @@ class _ImmediateBatcher:
     """Stands in for the batcher: runs the sim runner inline (the HTTP handling is the target)."""
 
     def __init__(self) -> None:
-        self.runner = create_runner("sim-upscale-x2", RunnerSettings(sim_latency_ms=0))
+        self.runner = create_runner("sim-upscale-x2", RunnerSettings())
 
     def infer(self, inputs: dict[str, np.ndarray], timeout_s: float | None) -> dict[str, np.ndarray]:
         return self.runner.run(inputs)

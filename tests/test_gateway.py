@@ -303,7 +303,7 @@ def test_an_unreachable_upscaler_is_503_with_retry_after(start_sim_gateway: Star
 
 def test_a_model_server_killed_mid_request(start_sim_gateway: StartGateway) -> None:
     command = [sys.executable, "-m", "chaoqing", "model-server", "--model", "sim-upscale-x4", "--port", "0",
-               "--sim-latency-ms", "3000", "--log-level", "error"]
+               "--model-option", "latency_ms=3000", "--log-level", "error"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -348,9 +348,10 @@ def test_the_hub_is_never_blocked_long_during_a_2mp_photo_with_4_faces(
 ) -> None:
     # model servers in their own processes, as in production: this hub is the gateway's (and the client's)
     endpoints = {
-        "sim-upscale-x4": (start_model_server_process("sim-upscale-x4", "--sim-latency-ms", "100"),),
-        "sim-detector": (start_model_server_process("sim-detector", "--sim-latency-ms", "20", "--sim-faces", "4"),),
-        "sim-face": (start_model_server_process("sim-face", "--sim-latency-ms", "50"),),
+        "sim-upscale-x4": (start_model_server_process("sim-upscale-x4", "--model-option", "latency_ms=100"),),
+        "sim-detector": (start_model_server_process("sim-detector", "--model-option", "latency_ms=20",
+                                                    "--model-option", "faces=4"),),
+        "sim-face": (start_model_server_process("sim-face", "--model-option", "latency_ms=50"),),
     }
     gateway = start_sim_gateway(endpoints=endpoints)
     photo = _encode(np.random.default_rng(2).integers(0, 256, (1200, 1700, 3), dtype=np.uint8), "JPEG", quality=90)

@@ -4,6 +4,7 @@ overload, and a server that stays responsive while a model computes."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ import requests
 from chaoqing.config import RemoteSettings
 from chaoqing.errors import InvalidTensorRequest, ModelServerError, ModelUnavailable, RunnerError
 from chaoqing.gateway.remote import RemoteModel
-from chaoqing.modelserver.app import ModelServer, validate_inputs
+from chaoqing.modelserver.app import ModelServer, ModelServerOptions, validate_inputs
 from chaoqing.modelserver.runners import RunnerSettings, create_runner
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
 from chaoqing.protocol import v2
@@ -329,3 +330,35 @@ def test_optional_inputs_may_be_left_out_and_value_ranges_are_enforced() -> None
         validate_inputs(spec, {"image": image, "edge_padding": np.array([[-1], [0]], dtype=np.int32)}, 10**6)
     with pytest.raises(InvalidTensorRequest, match="needs input 'image'"):
         validate_inputs(spec, {"edge_padding": np.zeros((1, 1), dtype=np.int32)}, 10**6)
+
+
+def test_a_sim_of_one_accelerator_queues_in_the_batcher(start_model_server: StartServer) -> None:
+    """A simulator's batch limit (``concurrency=1``) is the batcher's: calls wait in its bounded
+    queue, as for a busy real model, and a full queue answers 503."""
+    server = start_model_server(["sim-upscale-x2"], sim_latency_ms=300, sim_concurrency=1, max_queue_size=2,
+                                max_batch_size=1)
+    message = v2.encode_infer_request({"image": _image(4, 4)}, ["image"])
+    jobs = [gevent.spawn(_post_infer, server, "sim-upscale-x2", message.join(), message.http_headers())
+            for _ in range(6)]
+    gevent.joinall(jobs, raise_error=True)
+    statuses = sorted(job.value.status_code for job in jobs)
+    assert statuses.count(200) >= 2 and 503 in statuses, statuses
+
+
+def test_a_model_that_fails_to_load_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    def broken_factory(name: str, settings: RunnerSettings) -> Runner:
+        raise RunnerError(f"weights of {name} are missing")
+
+    server = ModelServer(ModelServerOptions(models=("broken",), port=0), broken_factory)
+    try:
+        with caplog.at_level(logging.ERROR, logger="chaoqing.modelserver.app"):
+            server.start()
+            assert not server.wait_ready(10.0)
+        failures = [record for record in caplog.records if "failed to load" in record.getMessage()]
+        assert failures and failures[0].exc_info is not None, caplog.records
+        assert failures[0].exc_info[0] is RunnerError
+        ready = requests.get(f"{server.url}/v2/models/broken/ready", timeout=5)
+        assert ready.status_code == 503 and "weights of broken are missing" in ready.json()["error"]
+        assert requests.get(f"{server.url}/v2/health/ready", timeout=5).json()["models"] == {"broken": "failed"}
+    finally:
+        server.stop(timeout_s=1.0)

@@ -13,12 +13,19 @@ import time
 from collections.abc import Iterator
 
 import cv2
+import gevent
 import numpy as np
 import pytest
 import skimage.data
 
 from chaoqing.errors import RunnerError
-from chaoqing.modelserver.runners import Runner, RunnerSettings, available_models, create_runner
+from chaoqing.modelserver.runners import (
+    Runner,
+    RunnerSettings,
+    available_models,
+    check_model_options,
+    create_runner,
+)
 from chaoqing.modelserver.runners.dlib_detector import ALIGNMENT_TEMPLATE_512, LANDMARK_POINTS
 from chaoqing.modelserver.runners.sim import FACE_MARK_LEVELS
 
@@ -147,12 +154,29 @@ def test_unknown_model_names_the_known_ones() -> None:
         {"device": "vulkan:x"},
         {"max_batch_size": 0},
         {"detector_upsample": 4},
-        {"sim_latency_ms": -1.0},
     ],
 )
 def test_settings_reject_bad_values(settings: dict[str, object]) -> None:
     with pytest.raises(RunnerError):
         RunnerSettings(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("sim-upscale-x2", {"latency_ms": "-1"}),
+        ("sim-upscale-x2", {"latency_ms": "nan"}),
+        ("sim-detector", {"faces": "two"}),
+        ("sim-face", {"speed": "1"}),
+        ("realesr-animevideov3-x4", {"latency_ms": "10"}),
+    ],
+)
+def test_model_options_are_checked_before_anything_loads(name: str, options: dict[str, str]) -> None:
+    with pytest.raises(RunnerError):
+        check_model_options(name, options)
+    with pytest.raises(RunnerError):
+        create_runner(name, RunnerSettings(model_options=options))
 
 
 @pytest.mark.timeout(30)
@@ -441,8 +465,8 @@ def test_detector_rejects_malformed_input(detector: Runner, image: np.ndarray) -
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("name, scale", [("sim-upscale-x2", 2), ("sim-upscale-x4", 4)])
 def test_sim_upscaler_is_nearest_neighbour(name: str, scale: int, astronaut: np.ndarray) -> None:
-    runner = create_runner(name, RunnerSettings(sim_latency_ms=250))
-    assert runner.simulated_latency_s == pytest.approx(0.25)
+    runner = create_runner(name, RunnerSettings(model_options={"concurrency": "1"}))
+    assert runner.runs_on_hub and runner.max_concurrent_batches == 1
     assert runner.spec.platform == "sim" and runner.spec.parameters["scale"] == scale
     assert runner.spec.max_batch_size == 8
     images = np.stack([astronaut[:5, :7], astronaut[10:15, 20:27]])
@@ -467,18 +491,23 @@ def test_sim_face_upscales_by_4_and_marks_its_pixels(astronaut: np.ndarray) -> N
 
 
 @pytest.mark.timeout(10)
-def test_sim_runners_do_not_sleep(astronaut: np.ndarray) -> None:
-    settings = RunnerSettings(sim_latency_ms=10_000)
+@pytest.mark.parametrize("name", ["sim-upscale-x4", "sim-detector"])
+def test_sim_runners_wait_their_latency_cooperatively(name: str, astronaut: np.ndarray) -> None:
+    """Each call takes the latency; calls in greenlets overlap (no thread held per call)."""
+    latency_s = 0.3
+    calls = 8
+    runner = create_runner(name, RunnerSettings(model_options={"latency_ms": str(latency_s * 1000)}))
+    image = astronaut[np.newaxis, :64, :64] if name == "sim-upscale-x4" else astronaut[:64, :64]
     started = time.perf_counter()
-    create_runner("sim-upscale-x4", settings).run({"image": astronaut[np.newaxis]})
-    create_runner("sim-detector", settings).run({"image": astronaut})
-    assert time.perf_counter() - started < 2.0
+    gevent.joinall([gevent.spawn(runner.run, {"image": image}) for _ in range(calls)], raise_error=True)
+    elapsed = time.perf_counter() - started
+    assert 0.9 * latency_s <= elapsed < calls * latency_s / 2, elapsed  # serial calls would take calls × latency
 
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("faces", [1, 2, 5, 9])
 def test_sim_detector_lays_out_faces(faces: int) -> None:
-    runner = create_runner("sim-detector", RunnerSettings(sim_faces=faces))
+    runner = create_runner("sim-detector", RunnerSettings(model_options={"faces": str(faces)}))
     detector_parameters = runner.spec.parameters
     assert detector_parameters["landmark_points"] == list(LANDMARK_POINTS)
     assert len(detector_parameters["alignment_template_512"]) == 5
@@ -508,7 +537,7 @@ def test_sim_detector_lays_out_faces(faces: int) -> None:
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("height, width, faces", [(1, 1, 2), (10, 10, 1), (480, 640, 0)])
 def test_sim_detector_reports_no_faces_when_none_fit(height: int, width: int, faces: int) -> None:
-    runner = create_runner("sim-detector", RunnerSettings(sim_faces=faces))
+    runner = create_runner("sim-detector", RunnerSettings(model_options={"faces": str(faces)}))
     assert_no_faces(runner.run({"image": np.zeros((height, width, 3), dtype=np.uint8)}))
 
 

@@ -58,6 +58,17 @@ def cli() -> None:
     """
 
 
+def _key_values(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a dict; raises click.BadParameter for one without ``=``."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, separator, text = value.partition("=")
+        if not separator or not key.strip():
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", context, parameter)
+        pairs[key.strip()] = text.strip()
+    return pairs
+
+
 @cli.command("model-server", short_help="Serve models over the KServe v2 protocol.")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME",
               help="Model to serve; repeat for several. See `chaoqing doctor` for names.")
@@ -75,18 +86,14 @@ def cli() -> None:
               help="How long a batch waits for more requests.")
 @click.option("--max-queue-size", default=256, show_default=True, type=click.IntRange(1, 1_000_000),
               help="Queued requests per model before answering 503.")
-@click.option("--sim-latency-ms", default=100.0, show_default=True, type=click.FloatRange(0, 600_000),
-              help="Latency of sim-* models (tests and benchmarks only).")
-@click.option("--sim-faces", default=2, show_default=True, type=click.IntRange(0, 1024),
-              help="Faces sim-detector reports per image.")
-@click.option("--sim-concurrency", default=0, show_default=True, type=click.IntRange(0, 1_000_000),
-              help="Batches a sim-* model runs at once; 0 = unlimited. 1 (with --max-batch-size 1) "
-                   "makes the server behave like one accelerator, for fleet benchmarks.")
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", callback=_key_values,
+              help="A setting of models that take their own; repeat for several. Only the sim-* simulators "
+                   "do: latency_ms, faces, concurrency (see docs/model-server.md).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log (stderr).")
 def model_server(models: tuple[str, ...], host: str, port: int, threads: int, device: str, instances: int,
-                 max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, sim_latency_ms: float,
-                 sim_faces: int, sim_concurrency: int, log_level: str) -> None:
+                 max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, model_options: dict[str, str],
+                 log_level: str) -> None:
     """Serve models over the KServe v2 protocol (REST, binary tensors).
 
     Any v2 client works: the gateway, tritonclient, KServe, curl.
@@ -96,24 +103,29 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
     # cores that spinning steals their CPU (measured here: compact x4 4.9 → 3.5 s and x4plus
     # 17 → 9.5 s when both run at once). Read by libgomp when ncnn loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from chaoqing.errors import RunnerError
     from chaoqing.modelserver.app import ModelServer, ModelServerOptions
     from chaoqing.modelserver.batcher import BatchSettings
-    from chaoqing.modelserver.runners import RunnerSettings, available_models
+    from chaoqing.modelserver.runners import RunnerSettings, available_models, check_model_options
 
     unknown = [name for name in models if name not in available_models()]
     if unknown:
         _fail(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(available_models())}")
+    try:
+        for name in models:
+            check_model_options(name, model_options)
+    except RunnerError as exc:
+        _fail(f"--model-option: {exc}")
     options = ModelServerOptions(
         models=tuple(dict.fromkeys(models)),
         host=host,
         port=port,
-        runner=RunnerSettings(threads=threads, device=device, sim_latency_ms=sim_latency_ms, sim_faces=sim_faces),
+        runner=RunnerSettings(threads=threads, device=device, model_options=model_options),
         batching=BatchSettings(
             instances=instances,
             max_batch_size=max_batch_size,
             max_queue_delay_s=max_queue_delay_ms / 1000.0,
             max_queue_size=max_queue_size,
-            sim_concurrency=sim_concurrency,
         ),
     )
     try:

@@ -128,6 +128,7 @@ class ModelServerSettings:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     max_request_bytes: int = 1024 * 1024 * 1024
+    # sim-* models only (tests and benchmarks): given to them alone, as --model-option settings
     sim_latency_ms: float = 100.0
     sim_faces: int = 2
 

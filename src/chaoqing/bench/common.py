@@ -67,6 +67,7 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 RECEIVE_BLOCK_BYTES = 256 * 1024
 PR_SET_PDEATHSIG = 1
+SIMULATOR_PREFIX = "sim-"  # how chaoqing.modelserver.runners names its simulators
 
 
 
@@ -157,10 +158,18 @@ def start_model_server(models: Sequence[str], *, sim_latency_ms: float = 0.0, si
                        max_batch_size: int = 8, threads: int = 0) -> ChildProcess:
     """``chaoqing model-server`` for ``models`` on a free port; returns once it is ready.
 
-    Raises BenchError when it does not start or become ready."""
+    ``sim_latency_ms`` and ``sim_faces`` reach the simulators as their ``--model-option``
+    settings (``latency_ms``, ``faces``); a server of real models is started without them.
+
+    Raises BenchError when ``models`` mix simulators and real models, or when the server does
+    not start or become ready."""
     command = [sys.executable, "-m", "chaoqing", "model-server", "--port", "0", "--log-level", "warning",
-               "--sim-latency-ms", str(sim_latency_ms), "--sim-faces", str(sim_faces),
                "--max-batch-size", str(max_batch_size), "--threads", str(threads)]
+    simulators = [model.startswith(SIMULATOR_PREFIX) for model in models]
+    if any(simulators) and not all(simulators):
+        raise BenchError(f"one bench model server serves simulators or real models, not both: {', '.join(models)}")
+    if all(simulators):
+        command += ["--model-option", f"latency_ms={sim_latency_ms}", "--model-option", f"faces={sim_faces}"]
     for model in models:
         command += ["--model", model]
     return _launch("model server " + ",".join(models), command, "/v2/health/ready")

@@ -1,8 +1,8 @@
 """``chaoqing bench fanout``: does the gateway overlap its remote calls as the design says?
 
 Sim model servers with fixed latencies (upscale U, detect D, face F), each a process of its
-own; for each number of faces N, a fresh detector (``--sim-faces N``) and a fresh gateway
-process. One request at a time, three ways, interleaved round by round so that the noise of
+own; for each number of faces N, a fresh detector (``--model-option faces=N``) and a fresh
+gateway process. One request at a time, three ways, interleaved round by round so that the noise of
 a shared machine falls on all three alike:
 
 - **concurrent, through HTTP**: POST /v1/enhance to the gateway process (the figure judged);

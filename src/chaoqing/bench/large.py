@@ -19,10 +19,9 @@ own code (:mod:`chaoqing.gateway.stages.tiling`, the same plan, resampling and c
 the network (the runner's own tile size raised to the image's size), so it measures what
 tiling costs, the runner's internal tiles included.
 
-Photos: ``--photo PATH`` (any file Pillow opens; benchmarks may read /work/shared/data),
-else scikit-image's astronaut. For ``large`` the source is mirrored out to ``--megapixels``
-at 4:3 (mirroring keeps a photo's real detail, unlike blowing it up), then JPEG-encoded at
-quality 92, as a camera would.
+Photos: ``--photo PATH`` (any file Pillow opens), else scikit-image's astronaut. For
+``large`` the source is mirrored out to ``--megapixels`` at 4:3 (mirroring keeps a photo's
+real detail, unlike blowing it up), then JPEG-encoded at quality 92, as a camera would.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ WARMUP_SIDE = 64  # warm-up calls use a corner this big: same code paths, little
 FACE_CROP_SIDE = 128  # Config.face_input_size: the largest crop the pipeline sends a face model
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DEADLINE_S = 1800.0
-DEFAULT_PHOTO_FOLDERS = (Path("/work/shared/data/faces"), Path("/work/shared/data/sr"))
+PHOTOS_VARIABLE = "CHAOQING_BENCH_PHOTOS"  # names the photos when --photos is not given
 
 COLUMNS = [
     ("what", "what", ""),
@@ -252,8 +252,9 @@ def _config_toml(config: Any) -> str:
 
 
 @click.command("models")
-@click.option("--photos", "photos_path", default=None, type=click.Path(exists=True, path_type=Path),
-              help="A photo or a folder of them  [default: /work/shared/data/faces, else .../sr].")
+@click.option("--photos", "photos_path", default=None, envvar=PHOTOS_VARIABLE, show_envvar=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="A photo or a folder of them (one with a face for balanced and quality). Required.")
 @click.option("--megapixels", default=2.0, show_default=True, type=click.FloatRange(0.001, 16),
               help="Size of the fast preset's photo.")
 @click.option("--presets", "presets_text", default="fast,balanced,quality", show_default=True,
@@ -273,9 +274,9 @@ def models(photos_path: Path | None, megapixels: float, presets_text: str, threa
     if not presets or set(presets) - set(PRESET_MODELS):
         raise click.BadParameter(f"choose from {', '.join(PRESET_MODELS)}", param_hint="--presets")
     if photos_path is None:
-        photos_path = next((folder for folder in DEFAULT_PHOTO_FOLDERS if folder.is_dir()), None)
-        if photos_path is None:
-            raise click.UsageError("no default photo folder here: give --photos")
+        raise click.UsageError(
+            f"no photos: give --photos PATH (a photo or a folder of them) or set {PHOTOS_VARIABLE}"
+        )
 
     def progress(message: str) -> None:
         click.echo(f"… {message}", err=True)

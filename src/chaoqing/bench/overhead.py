@@ -1,8 +1,8 @@
 """``chaoqing bench overhead``: what one remote call costs the gateway's v2 client.
 
-One model-server process with instant sim models (``--sim-latency-ms 0``, no batching, so no
-queue delay), called one call at a time over loopback by four clients with the same
-payloads (KServe v2 with Triton's binary tensor extension both ways):
+One model-server process with instant sim models (``--model-option latency_ms=0``, no
+batching, so no queue delay), called one call at a time over loopback by four clients with
+the same payloads (KServe v2 with Triton's binary tensor extension both ways):
 
 - ``chaoqing``: :class:`chaoqing.gateway.remote.RemoteModel.infer`, the gateway's client;
 - ``tritonclient``: ``tritonclient.http.InferenceServerClient.infer`` (binary in and out);

@@ -6,6 +6,10 @@
 unexpectedly is started again on the same port (so the gateway's endpoints stay valid),
 with a growing back-off. Children die with the parent (PR_SET_PDEATHSIG on Linux), and
 :meth:`ModelServerSupervisor.stop` terminates them gracefully, then kills stragglers.
+
+Every child gets the same server settings; only a simulator (a ``sim-*`` model, for tests
+and benchmarks) also gets ``[model_server]``'s ``sim_latency_ms`` and ``sim_faces``, as
+``--model-option`` settings of its own. A real model is never started with them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ START_TIMEOUT_S = 60.0
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_AFTER_S = 30.0  # a child that ran this long resets the back-off
 PR_SET_PDEATHSIG = 1
+SIMULATOR_PREFIX = "sim-"  # how chaoqing.modelserver.runners names its simulators
 
 
 
@@ -44,6 +49,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def _model_options(model: str, settings: ModelServerSettings) -> list[str]:
+    """The ``--model-option`` arguments of ``model``: the sim settings for a simulator, none otherwise."""
+    if not model.startswith(SIMULATOR_PREFIX):
+        return []
+    return ["--model-option", f"latency_ms={settings.sim_latency_ms}", "--model-option", f"faces={settings.sim_faces}"]
 
 
 @dataclass
@@ -87,8 +99,7 @@ class ModelServerSupervisor:
             "--max-batch-size", str(settings.max_batch_size),
             "--max-queue-delay-ms", str(settings.max_queue_delay_ms),
             "--max-queue-size", str(settings.max_queue_size),
-            "--sim-latency-ms", str(settings.sim_latency_ms),
-            "--sim-faces", str(settings.sim_faces),
+            *_model_options(child.model, settings),
             "--log-level", self.log_level,
             *child.extra_arguments,
         ]

@@ -1,4 +1,4 @@
-"""A dynamic batcher per model: a bounded queue in front of one native thread per instance.
+"""A dynamic batcher per model: a bounded queue in front of the model's instances.
 
 Requests (greenlets of the model server) call :meth:`Batcher.infer` and wait. A scheduling
 greenlet waits for a free model instance, takes the oldest queued request, gathers queued
@@ -12,11 +12,14 @@ is raised at once (the server answers 503 with Retry-After). A request whose own
 passes while it is queued is answered with :class:`DeadlineExceeded` and never computed; a
 waiting greenlet that is killed (client gone) is dropped from the queue.
 
-Simulators (``runner.simulated_latency_s`` > 0) wait their latency per batch cooperatively.
-By default they have no instance limit, as if each batch had hardware of its own;
-``sim_concurrency`` N > 0 lets only N batches of a simulated model run at once, so one sim
-server behaves like one accelerator (``sim_concurrency=1, max_batch_size=1``: one call at a
-time, each taking the latency) and a fleet of them can be measured.
+Every runner is treated alike: the batcher knows nothing of simulators, whose latency is
+waited inside their own ``run`` (:mod:`chaoqing.modelserver.runners.sim`). Where a runner
+runs is a capability it declares. One that sets :attr:`Runner.runs_on_hub` (its ``run``
+waits cooperatively and blocks neither the hub nor a thread) is called in the batch's
+greenlet rather than on an instance thread, and the batcher starts as many batches at once
+as its :attr:`Runner.max_concurrent_batches` says (0: no limit) in place of ``instances``.
+A declared flag rather than a hook: the only difference is where ``run`` is called and how
+many at once, so the queue, batching, deadlines and abandonment above stay one code path.
 """
 
 from __future__ import annotations
@@ -40,8 +43,7 @@ __all__ = ["BatchRecord", "BatchSettings", "Batcher"]
 
 _log = logging.getLogger("chaoqing.modelserver.batcher")
 
-SIMULATOR_THREADS = 4  # cheap nearest-neighbour outputs of simulators; they rarely all run at once
-UNLIMITED_SIMULATED_BATCHES = 10**6  # sim_concurrency 0: every batch as if on hardware of its own
+UNLIMITED_BATCHES = 10**6  # a runner on the hub with max_concurrent_batches 0: no limit of its own
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,6 @@ class BatchSettings:
     max_batch_size: int = 8
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 256
-    sim_concurrency: int = 0  # simulators only: batches run at once; 0 = unlimited
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,17 @@ class Batcher:
         self._on_batch = on_batch
         self._batched = runner.spec.max_batch_size > 0
         self._max_items = min(settings.max_batch_size, runner.spec.max_batch_size) if self._batched else 1
-        self._simulated = runner.simulated_latency_s > 0
         self._queue: deque[_Queued] = deque()
         self._arrived = Event()
-        instances = max(1, settings.instances)
-        # one native thread per model instance; simulators share a small pool for their cheap outputs
-        self._threads = ThreadPool(SIMULATOR_THREADS if self._simulated else instances)
-        if self._simulated:
-            instances = settings.sim_concurrency if settings.sim_concurrency > 0 else UNLIMITED_SIMULATED_BATCHES
-        self._free_instances = Semaphore(instances)
+        # one native thread per model instance, and as many batches at once; a runner on the
+        # hub needs no thread and says itself how many batches it takes
+        self._threads: ThreadPool | None = None
+        if runner.runs_on_hub:
+            slots = runner.max_concurrent_batches or UNLIMITED_BATCHES
+        else:
+            slots = max(1, settings.instances)
+            self._threads = ThreadPool(slots)
+        self._free_instances = Semaphore(slots)
         self._scheduler = gevent.spawn(self._schedule_forever)
         self._closed = False
 
@@ -146,7 +149,8 @@ class Batcher:
         self._scheduler.kill()
         while self._queue:
             self._queue.popleft().result.set_exception(Overloaded("the model is shutting down"))
-        self._threads.kill()
+        if self._threads is not None:
+            self._threads.kill()
         self.runner.close()
 
     # -- scheduling -------------------------------------------------------------------------
@@ -214,12 +218,13 @@ class Batcher:
             if not live:
                 return
             stacked = _stack([item.inputs for item in live], self._batched)
-            if self._simulated:
-                gevent.sleep(self.runner.simulated_latency_s)
             computing = time.monotonic()
             try:
-                outputs = self._threads.apply(self.runner.run, (stacked,))
-            except Exception as exc:  # a runner failure is the request's error, not the server's
+                if self._threads is None:
+                    outputs = self.runner.run(stacked)
+                else:
+                    outputs = self._threads.apply(self.runner.run, (stacked,))
+            except Exception as exc:  # noqa: BLE001 - a runner failure is the request's error, not the server's
                 _log.exception("model %s failed on a batch of %d", self.runner.spec.name, len(live))
                 failure = InferenceFailed(f"model {self.runner.spec.name} failed: {exc}")
                 for item in live:

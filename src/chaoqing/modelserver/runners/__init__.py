@@ -13,7 +13,9 @@ Models:
   (:mod:`chaoqing.modelserver.runners.realesrgan`).
 - ``face-detector``: dlib HOG + 5-point landmarks (:mod:`chaoqing.modelserver.runners.dlib_detector`).
 - ``sim-upscale-x2``, ``sim-upscale-x4``, ``sim-face``, ``sim-detector``: simulators for tests
-  and benchmarks (:mod:`chaoqing.modelserver.runners.sim`); built only when named.
+  and benchmarks (:mod:`chaoqing.modelserver.runners.sim`); built only when named. Only they
+  take model options (``latency_ms``, ``faces``, ``concurrency``: see
+  :class:`~chaoqing.modelserver.runners.sim.SimSettings`).
 
 Importing this package is cheap: ncnn and dlib are imported when a runner that needs them is
 created. Every failure to build a runner is a :class:`RunnerError`.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
@@ -36,6 +38,7 @@ __all__ = [
     "RunnerSettings",
     "TensorSpec",
     "available_models",
+    "check_model_options",
     "create_runner",
 ]
 
@@ -55,8 +58,8 @@ class RunnerSettings:
     - ``detector_upsample``: HOG upsampling count, -1 for automatic (once up to 1 MP).
     - ``detector_threshold``: added to dlib's detection threshold (0.3 drops the patches and
       logos HOG mistakes for faces at 0.0).
-    - ``sim_latency_ms``: the simulators' per-batch latency, waited by the server.
-    - ``sim_faces``: how many faces ``sim-detector`` reports.
+    - ``model_options``: ``KEY=VALUE`` settings of runners that take their own (the
+      simulators); a model that takes none refuses any (see :func:`check_model_options`).
 
     Raises RunnerError when a value is out of range or ``device`` is malformed.
     """
@@ -67,11 +70,11 @@ class RunnerSettings:
     max_batch_size: int = 8
     detector_upsample: int = -1
     detector_threshold: float = 0.3
-    sim_latency_ms: float = 0.0
-    sim_faces: int = 2
+    model_options: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        for name in ("threads", "tile_size", "sim_latency_ms", "sim_faces"):
+        object.__setattr__(self, "model_options", types.MappingProxyType(dict(self.model_options)))
+        for name in ("threads", "tile_size"):
             if getattr(self, name) < 0:
                 raise RunnerError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_batch_size < 1:
@@ -104,35 +107,33 @@ def _create_face_detector(name: str, settings: RunnerSettings) -> Runner:
 
 
 def _create_sim_upscaler(name: str, settings: RunnerSettings) -> Runner:
-    from chaoqing.modelserver.runners.sim import SimUpscaler
+    from chaoqing.modelserver.runners.sim import SimSettings, SimUpscaler
 
     scale = int(name.rsplit("-x", 1)[1])
     return SimUpscaler(
         name,
         scale,
-        latency_s=settings.sim_latency_ms / 1000.0,
+        settings=SimSettings.from_options(settings.model_options),
         max_batch_size=settings.max_batch_size,
     )
 
 
 def _create_sim_face(name: str, settings: RunnerSettings) -> Runner:
-    from chaoqing.modelserver.runners.sim import SimUpscaler
+    from chaoqing.modelserver.runners.sim import SimSettings, SimUpscaler
 
     return SimUpscaler(
         name,
         4,
-        latency_s=settings.sim_latency_ms / 1000.0,
+        settings=SimSettings.from_options(settings.model_options),
         max_batch_size=settings.max_batch_size,
         mark_faces=True,
     )
 
 
 def _create_sim_detector(name: str, settings: RunnerSettings) -> Runner:
-    from chaoqing.modelserver.runners.sim import SimFaceDetector
+    from chaoqing.modelserver.runners.sim import SimFaceDetector, SimSettings
 
-    return SimFaceDetector(
-        name, faces=settings.sim_faces, latency_s=settings.sim_latency_ms / 1000.0
-    )
+    return SimFaceDetector(name, settings=SimSettings.from_options(settings.model_options))
 
 
 _FACTORIES: Mapping[str, Callable[[str, RunnerSettings], Runner]] = types.MappingProxyType(
@@ -155,13 +156,32 @@ def available_models() -> list[str]:
     return list(_FACTORIES)
 
 
+def check_model_options(name: str, options: Mapping[str, str]) -> None:
+    """Check that model ``name`` takes ``options`` (cheap: nothing is loaded).
+
+    Raises RunnerError for options given to a model that takes none (only the simulators
+    take any), and for options a simulator does not know or values it refuses.
+    """
+    if not options:
+        return
+    if not name.startswith(SIMULATOR_PREFIX):
+        raise RunnerError(
+            f"model {name} takes no model options (given {', '.join(sorted(options))}); only the simulators do"
+        )
+    from chaoqing.modelserver.runners.sim import SimSettings
+
+    SimSettings.from_options(options)
+
+
 def create_runner(name: str, settings: RunnerSettings) -> Runner:
     """Build and load the runner for model ``name``.
 
-    Raises RunnerError for an unknown name (listing the known ones), and whatever the
-    runner raises while loading: missing weights or packages, an unusable device.
+    Raises RunnerError for an unknown name (listing the known ones) or model options it does
+    not take, and whatever the runner raises while loading: missing weights or packages, an
+    unusable device.
     """
     factory = _FACTORIES.get(name)
     if factory is None:
         raise RunnerError(f"unknown model {name!r}; known models: {', '.join(_FACTORIES)}")
+    check_model_options(name, settings.model_options)
     return factory(name, settings)

@@ -4,9 +4,10 @@ The model server (:mod:`chaoqing.modelserver.app`) owns threads, queues and the 
 only computes. :meth:`Runner.run` is called from one native thread per model instance, one
 batch at a time per instance, so a runner needs no locks of its own.
 
-Simulators (``simulated_latency_s`` > 0) are the exception, for tests and benchmarks only:
-the server waits that long per batch without holding a thread (as if every call had
-hardware of its own), then calls :meth:`Runner.run` on a worker thread for the cheap outputs.
+A runner whose :meth:`Runner.run` waits cooperatively instead (gevent, holding no native
+thread) sets :attr:`Runner.runs_on_hub`: the server then calls it in a greenlet on its hub,
+up to :attr:`Runner.max_concurrent_batches` batches at once. The simulators do, so that a
+simulated latency costs no thread.
 """
 
 from __future__ import annotations
@@ -94,8 +95,13 @@ class Runner(ABC):
     """A loaded model. Subclasses set ``spec`` and implement :meth:`run`."""
 
     spec: ModelSpec
-    #: Simulators only: seconds the server waits per batch, cooperatively, before run().
-    simulated_latency_s: float = 0.0
+    #: False: run() computes, on one native thread per model instance. True: run() waits
+    #: cooperatively (gevent) and blocks neither the hub nor a thread, so the server calls it
+    #: in a greenlet on its hub and starts no instance threads.
+    runs_on_hub: bool = False
+    #: For a runner on the hub, how many batches it takes at once (0: no limit), as the
+    #: instances do for the others; the server queues the rest.
+    max_concurrent_batches: int = 0
 
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

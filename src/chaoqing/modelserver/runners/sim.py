@@ -1,9 +1,25 @@
 """Simulated models, for tests and benchmarks only: created when named, never otherwise.
 
 They honour the real models' tensor contracts and metadata, compute something cheap and
-deterministic, and declare ``simulated_latency_s`` (from ``sim_latency_ms``): the model
-server waits that long per batch cooperatively, as if the call ran on hardware of its own.
-:meth:`Runner.run` itself never sleeps.
+deterministic, and take as long as they are told: :meth:`Runner.run` waits
+``latency_ms`` per batch, then computes. The settings are their own (:class:`SimSettings`,
+from the model server's ``--model-option KEY=VALUE``); nothing else in the server knows
+about simulators.
+
+How the latency is waited. The batcher calls a real runner on a native thread per model
+instance; a simulator sleeping there would need one thread per simulated call in flight
+(16 faces at once in ``chaoqing bench fanout``) and would overlap only as far as the threads
+went. So a simulator sets the generic :attr:`Runner.runs_on_hub`: the batcher calls it in a
+greenlet on the hub, where it waits with ``gevent.sleep`` (any number at once, each exactly
+its latency, as if every call had hardware of its own) and hands its outputs, a
+nearest-neighbour resize that grows with the image, to the hub's small thread pool so the hub
+keeps answering. ``concurrency`` N > 0 makes it one accelerator: it declares
+:attr:`Runner.max_concurrent_batches` = N, and the batcher starts no more batches than that.
+The limit is declared rather than taken by a semaphore inside :meth:`run` so that the
+batcher keeps doing what it does for a busy real model: requests wait in its bounded queue
+(a full queue answers 503), a request abandoned while queued is never computed, and batches
+grow while the model is busy. A semaphore inside :meth:`run` would empty that queue into
+batches parked on the semaphore, computing abandoned calls and never refusing one.
 
 - ``sim-upscale-x2`` / ``sim-upscale-x4``: ``image`` UINT8 [B,H,W,3] → [B,sH,sW,3], a
   nearest-neighbour resize (each pixel becomes an s×s block).
@@ -18,13 +34,14 @@ server waits that long per batch cooperatively, as if the call ran on hardware o
   descending from 2.0 to 1.0. No faces when the squares would be under
   :data:`MIN_FACE_SIDE_PX` pixels.
 """
-
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import cv2
+import gevent
 import numpy as np
 
 from chaoqing.errors import RunnerError
@@ -41,6 +58,7 @@ __all__ = [
     "FACE_MARK_LEVELS",
     "MIN_FACE_SIDE_PX",
     "SimFaceDetector",
+    "SimSettings",
     "SimUpscaler",
 ]
 
@@ -51,26 +69,84 @@ MIN_FACE_SIDE_PX = 16
 TOP_SCORE = 2.0
 BOTTOM_SCORE = 1.0
 TEMPLATE_SIZE_PX = 512.0
+MILLISECONDS = 1e-3
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """What a simulator is told, from the model server's ``--model-option KEY=VALUE``.
+
+    - ``latency_ms``: how long each batch takes, waited cooperatively.
+    - ``faces``: how many faces ``sim-detector`` reports (the upscalers ignore it).
+    - ``concurrency``: batches the model takes at once; 0 = no limit, as if every batch had
+      hardware of its own. 1, with the server's ``--max-batch-size 1``, makes one sim server
+      compute one call at a time, like one accelerator.
+
+    Raises RunnerError when a value is negative or ``latency_ms`` is not finite.
+    """
+
+    latency_ms: float = 0.0
+    faces: int = 2
+    concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency_ms) and self.latency_ms >= 0) or self.faces < 0 or self.concurrency < 0:
+            raise RunnerError(
+                f"sim options must be >= 0 (latency_ms finite): latency_ms={self.latency_ms}, "
+                f"faces={self.faces}, concurrency={self.concurrency}"
+            )
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_ms * MILLISECONDS
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> SimSettings:
+        """Settings from ``KEY=VALUE`` model options (strings, as the command line gives them).
+
+        Raises RunnerError for an unknown key, or a value that is not a number >= 0
+        (``faces`` and ``concurrency`` are integers).
+        """
+        known = [item.name for item in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise RunnerError(f"unknown sim option(s) {', '.join(unknown)}; the simulators take {', '.join(known)}")
+        try:
+            return cls(
+                latency_ms=float(options.get("latency_ms", cls.latency_ms)),
+                faces=int(options.get("faces", cls.faces)),
+                concurrency=int(options.get("concurrency", cls.concurrency)),
+            )
+        except ValueError as exc:
+            raise RunnerError(f"sim options {dict(options)}: {exc}") from None
+
+
+def _wait_latency(settings: SimSettings) -> None:
+    if settings.latency_ms > 0:
+        gevent.sleep(settings.latency_s)
 
 
 class SimUpscaler(Runner):
     """Nearest-neighbour ×``scale``; with ``mark_faces`` also brightens (``sim-face``)."""
+
+    runs_on_hub = True
 
     def __init__(
         self,
         name: str,
         scale: int,
         *,
-        latency_s: float = 0.0,
+        settings: SimSettings = SimSettings(),
         max_batch_size: int = 8,
         mark_faces: bool = False,
     ) -> None:
-        """Raises RunnerError when ``scale`` < 1, ``latency_s`` < 0 or ``max_batch_size`` < 1."""
-        if scale < 1 or latency_s < 0 or max_batch_size < 1:
-            raise RunnerError("scale and max_batch_size must be >= 1, latency >= 0")
+        """Raises RunnerError when ``scale`` or ``max_batch_size`` is below 1."""
+        if scale < 1 or max_batch_size < 1:
+            raise RunnerError("scale and max_batch_size must be >= 1")
         self.scale = scale
         self.mark_faces = mark_faces
-        self.simulated_latency_s = latency_s
+        self.settings = settings
+        self.max_concurrent_batches = settings.concurrency
         self.spec = ModelSpec(
             name=name,
             platform=SIM_PLATFORM,
@@ -81,11 +157,17 @@ class SimUpscaler(Runner):
         )
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Resize every image of ``inputs["image"]`` (UINT8 [B,H,W,3]).
+        """Wait the latency, then resize every image of ``inputs["image"]`` (UINT8 [B,H,W,3])
+        on the hub's thread pool. Call from a greenlet.
 
         Raises RunnerError when the input is missing or malformed.
         """
         images = image_batch(inputs)
+        _wait_latency(self.settings)
+        upscaled: np.ndarray = gevent.get_hub().threadpool.apply(self._upscale, (images,))
+        return {"image": upscaled}
+
+    def _upscale(self, images: np.ndarray) -> np.ndarray:
         batch_size, height, width, _ = images.shape
         scale = self.scale
         upscaled = np.empty((batch_size, height * scale, width * scale, 3), dtype=np.uint8)
@@ -99,26 +181,28 @@ class SimUpscaler(Runner):
         if self.mark_faces:
             np.minimum(upscaled, 255 - FACE_MARK_LEVELS, out=upscaled)
             upscaled += FACE_MARK_LEVELS
-        return {"image": upscaled}
+        return upscaled
 
 
 class SimFaceDetector(Runner):
     """``faces`` deterministic faces on a grid; the face detector's contract and metadata."""
 
-    def __init__(self, name: str, *, faces: int = 2, latency_s: float = 0.0) -> None:
-        """Raises RunnerError when ``faces`` or ``latency_s`` is negative."""
-        if faces < 0 or latency_s < 0:
-            raise RunnerError("faces and latency must be >= 0")
-        self.faces = faces
-        self.simulated_latency_s = latency_s
-        self.spec = detector_spec(name, SIM_PLATFORM, {"faces": faces})
+    runs_on_hub = True
+
+    def __init__(self, name: str, *, settings: SimSettings = SimSettings()) -> None:
+        self.faces = settings.faces
+        self.settings = settings
+        self.max_concurrent_batches = settings.concurrency
+        self.spec = detector_spec(name, SIM_PLATFORM, {"faces": settings.faces})
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Lay out the faces over ``inputs["image"]`` (UINT8 [H,W,3]).
+        """Wait the latency, then lay out the faces over ``inputs["image"]`` (UINT8 [H,W,3]);
+        a few small arrays, computed on the hub. Call from a greenlet.
 
         Raises RunnerError when the input is missing or malformed.
         """
         image = validate_image(inputs)
+        _wait_latency(self.settings)
         height, width, _ = image.shape
         if self.faces == 0:
             return empty_detections()
