@@ -93,8 +93,8 @@ class _Trial:
 
     def in_process(self, sequential: bool) -> float:
         """The same photo through :func:`enhance_photo` here: milliseconds."""
-        from chaoqing.errors import BenchError
         from chaoqing.bench.sequential import enhance_photo_sequentially
+        from chaoqing.errors import BenchError
         from chaoqing.gateway.pipeline import EnhanceOptions, enhance_photo
 
         options = EnhanceOptions(scale=self.scale, preset=PRESET)

@@ -483,12 +483,14 @@ class RequestMetricsMiddleware:
             _access_log.debug("%s %s %d", request.method, request.path, status, extra={"fields": fields})
 
 
-def create_app(config: Config, remotes: RemoteModels, metrics: GatewayMetrics | None = None) -> falcon.App:
+def create_app(
+    config: Config, remotes: RemoteModels, metrics: GatewayMetrics | None = None
+) -> falcon.App[falcon.Request, falcon.Response]:
     """The WSGI app for ``config``, calling models through ``remotes``."""
     return Gateway(config, remotes, metrics).app
 
 
-def _build_app(gateway: Gateway) -> falcon.App:
+def _build_app(gateway: Gateway) -> falcon.App[falcon.Request, falcon.Response]:
     app = falcon.App(cors_enable=False, middleware=[RequestMetricsMiddleware(gateway)])
     app.add_middleware(RefuseWhenStoppingMiddleware(gateway))
     app.req_options.strip_url_path_trailing_slash = True

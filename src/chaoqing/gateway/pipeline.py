@@ -384,6 +384,7 @@ def upscale_background(request: PhotoRequest, model_name: str) -> npt.NDArray[An
     model = request.remotes[model_name]
     with request.timer("upscale"):
         alpha = request.decoded.alpha
+        colour: npt.NDArray[np.uint8]  # a greenlet's value is untyped
         if alpha is not None and not _is_opaque(alpha):
             # alpha goes through the same model as a grey image, concurrently with the colour
             grey = np.repeat(to_8_bit(alpha)[:, :, None], 3, axis=2)
