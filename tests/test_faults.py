@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import SimGateway
+from conftest import SimGateway, eventually
 from fakes import FakeV2Server
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
@@ -39,7 +39,9 @@ pytestmark = pytest.mark.timeout(90)
 
 StartGateway = Callable[..., SimGateway]
 DEADLINE_S = 1.5
-ANSWER_SLACK_S = 0.6  # decode, encode, HTTP: what a refused or timed-out request costs past its deadline
+# What a request may take past its deadline (decode, encode, HTTP) on a busy 2-core machine:
+# generous, and still far short of the 5 s and more the faulty fakes below take to answer.
+ANSWER_SLACK_S = 1.5
 GOOD = "good"  # any behaviour FakeV2Server does not know answers correctly
 
 # Long-lived greenlets of servers, health checkers and batchers (not left over by requests)
@@ -130,15 +132,6 @@ def _connections_to(port: int) -> int:
     )
 
 
-def _eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bool:
-    ends_at = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > ends_at:
-            return False
-        gevent.sleep(0.05)
-    return True
-
-
 @dataclass
 class Baseline:
     descriptors: int
@@ -156,13 +149,13 @@ def leak_check(greenlet_census: Callable[[], list[gevent.Greenlet]]) -> Iterator
 
 
 def assert_clean(gateway: SimGateway, baseline: Baseline, broken_port: int | None = None, connections_before: int = 0) -> None:
-    assert _eventually(lambda: gateway.server.gateway.in_flight == 0), "a request is still in flight"
-    assert _eventually(lambda: baseline.request_greenlets() == [], 3.0), baseline.request_greenlets()
+    assert eventually(lambda: gateway.server.gateway.in_flight == 0), "a request is still in flight"
+    assert eventually(lambda: baseline.request_greenlets() == [], 3.0), baseline.request_greenlets()
     if broken_port is not None:
-        assert _eventually(lambda: _connections_to(broken_port) <= connections_before), (
+        assert eventually(lambda: _connections_to(broken_port) <= connections_before), (
             f"{_connections_to(broken_port)} sockets to the broken server, {connections_before} before the fault"
         )
-    assert _eventually(lambda: _open_descriptors() <= baseline.descriptors), (
+    assert eventually(lambda: _open_descriptors() <= baseline.descriptors), (
         f"{_open_descriptors()} descriptors open, {baseline.descriptors} before the fault"
     )
 
@@ -170,7 +163,8 @@ def assert_clean(gateway: SimGateway, baseline: Baseline, broken_port: int | Non
 # -- one fault at a time, then the leak checks ---------------------------------------------
 
 UPSCALER_FAULTS = {
-    # behaviour: (status, code, answered by, in seconds)
+    # behaviour: (status, code, answered by, in seconds, plus ANSWER_SLACK_S): at the deadline,
+    # or at once (before the deadline; the status says it was not the deadline)
     "hang": (504, "deadline_exceeded", DEADLINE_S),
     "slow": (504, "deadline_exceeded", DEADLINE_S),  # slower than the deadline
     "garbage": (502, "model_error", 0.0),
@@ -217,9 +211,10 @@ def test_a_face_model_fault_degrades_the_faces_not_the_photo(
     baseline = leak_check()
     fake.behaviour, fake.delay_s = behaviour, 10.0
     response, elapsed = _post(gateway)
+    # a 200 (not a 504) says the faces were given up before the request deadline
     assert response.status_code == 200, response.text
     assert response.headers["X-Faces-Detected"] == "2" and response.headers["X-Faces-Enhanced"] == "0"
-    assert elapsed < 3.0, f"{elapsed:.2f} s: faces must finish before the deadline's reserve"
+    assert elapsed < 3.0 + ANSWER_SLACK_S, f"{elapsed:.2f} s: the photo waited for the faces' fake (10 s)"
     fake.stop()
     assert_clean(gateway, baseline, fake.port, connections_before)
 
@@ -247,7 +242,7 @@ def test_refused_connections_are_503_at_once(start_sim_gateway: StartGateway, le
             response, elapsed = _post(gateway)
             assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
             assert int(response.headers["Retry-After"]) >= 1
-            assert elapsed < 0.5
+            assert elapsed < DEADLINE_S, f"{elapsed:.2f} s: a refused connection waited for the deadline"
         assert_clean(gateway, baseline, int(url.rsplit(":", 1)[1]))
     finally:
         if process.poll() is None:
@@ -261,7 +256,7 @@ def _start_sim_process(latency_ms: int) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     url = process.stdout.readline().split("listening on ")[1].split()[0]
-    assert _eventually(lambda: _ready(url), 20)
+    assert eventually(lambda: _ready(url), 20)
     return process, url
 
 
@@ -278,9 +273,10 @@ def test_a_model_server_killed_mid_request_then_restarted(
     process, url = _start_sim_process(latency_ms=2000)
     port = int(url.rsplit(":", 1)[1])
     replacement: subprocess.Popen[str] | None = None
+    deadline_s = 10.0
     try:
         gateway = start_sim_gateway(
-            endpoints={"sim-upscale-x4": (url,)}, request_deadline_s=10.0,
+            endpoints={"sim-upscale-x4": (url,)}, request_deadline_s=deadline_s,
             remote=RemoteSettings(eject_for_s=1.0, health_interval_s=0.2),
         )
         assert _post(gateway, "?faces=false")[0].status_code == 200
@@ -290,14 +286,14 @@ def test_a_model_server_killed_mid_request_then_restarted(
         killer.join()
         process.wait()
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
-        assert elapsed < 1.5, "noticed when the connection dropped, not at the deadline"
+        assert elapsed < deadline_s / 2, "noticed when the connection dropped, not at the deadline"
         assert_clean(gateway, baseline, port)
         # the server comes back on the same port (as the supervisor restarts it): the gateway recovers
         command = [sys.executable, "-m", "chaoqing", "model-server", "--model", "sim-upscale-x4", "--port", str(port),
                    "--model-option", "latency_ms=10", "--log-level", "error", "--threads", "1"]
         replacement = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert _eventually(lambda: _ready(url), 20)
-        assert _eventually(lambda: _post(gateway, "?faces=false")[0].status_code == 200, 5.0), "no recovery"
+        assert eventually(lambda: _ready(url), 20)
+        assert eventually(lambda: _post(gateway, "?faces=false")[0].status_code == 200, 5.0), "no recovery"
     finally:
         for child in (process, replacement):
             if child is not None and child.poll() is None:
@@ -344,7 +340,7 @@ def test_a_timeout_is_not_retried(start_sim_gateway: StartGateway) -> None:
         calls_before = hanging.calls + healthy.calls
         response, elapsed = _post(gateway, "?faces=false")
         assert hanging.calls + healthy.calls == calls_before + 1, "the deadline is spent: no second call"
-        assert response.status_code in (200, 504) and elapsed < 0.8 + ANSWER_SLACK_S
+        assert response.status_code in (200, 504) and elapsed < 0.8 + ANSWER_SLACK_S, f"{elapsed:.2f} s"
     hanging.stop()
     healthy.stop()
 
@@ -353,7 +349,7 @@ def test_a_failing_endpoint_opens_its_circuit_and_closes_it_when_it_recovers(
     start_sim_gateway: StartGateway, leak_check: Callable[[], Baseline]
 ) -> None:
     fake = KillableFake("error_500", model="sim-upscale-x4")
-    eject_for_s = 2.0
+    eject_for_s = 3.0
     gateway = _single_call_gateway(
         start_sim_gateway, (fake.url,), remote=RemoteSettings(eject_after_failures=3, eject_for_s=eject_for_s, health_interval_s=0.2)
     )
@@ -362,20 +358,18 @@ def test_a_failing_endpoint_opens_its_circuit_and_closes_it_when_it_recovers(
     assert fake.calls == 3
     opened_at = time.monotonic()
     baseline = leak_check()
-    # open: answered at once, without calling the endpoint, though its health check says ready
-    fast = []
-    while time.monotonic() - opened_at < eject_for_s * 0.8:
-        fast.append(_post(gateway, "?faces=false"))
-        gevent.sleep(0.1)
+    # open: answered without calling the endpoint, though its health check says ready
+    fast = [_post(gateway, "?faces=false") for _ in range(5)]
+    still_open = time.monotonic() - opened_at < eject_for_s
     assert all(response.status_code == 503 for response, _ in fast), [response.status_code for response, _ in fast]
     assert all(response.json()["error"]["code"] == "model_unavailable" for response, _ in fast)
     assert all(1 <= int(response.headers["Retry-After"]) <= eject_for_s for response, _ in fast)
-    assert max(elapsed for _, elapsed in fast) < 0.2
-    if time.monotonic() - opened_at < eject_for_s:
+    assert max(elapsed for _, elapsed in fast) < DEADLINE_S, "an open circuit answers at once"
+    if still_open:  # 5 small requests take far less than eject_for_s, even on a busy machine
         assert fake.calls == 3, "calls reached an endpoint whose circuit is open"
     # the endpoint recovers: after the open period a trial call (or a health check) closes the circuit
     fake.behaviour = GOOD
-    assert _eventually(lambda: _post(gateway, "?faces=false")[0].status_code == 200, eject_for_s + 3.0)
+    assert eventually(lambda: _post(gateway, "?faces=false")[0].status_code == 200, eject_for_s + 3.0)
     assert all(_post(gateway, "?faces=false")[0].status_code == 200 for _ in range(3))
     fake.stop()
     assert_clean(gateway, baseline)
@@ -396,7 +390,8 @@ def test_a_hanging_endpoint_does_not_pile_up_connections(start_sim_gateway: Star
     statuses = sorted(job.value[0].status_code for job in jobs)
     assert set(statuses) <= {503, 504}, statuses
     later = [_post(gateway, "?faces=false") for _ in range(5)]
-    assert all(response.status_code == 503 and elapsed < 0.2 for response, elapsed in later), "the circuit is open"
+    # a call that went through would hang until the 0.5 s deadline and answer 504
+    assert all(response.status_code == 503 for response, _ in later), "the circuit is open"
     assert hanging.calls - calls_before <= 12
     hanging.stop()
     assert_clean(gateway, baseline, hanging.port, connections_before)
