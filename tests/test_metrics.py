@@ -17,7 +17,7 @@ import gevent
 import numpy as np
 import pytest
 import requests
-from conftest import SimGateway
+from conftest import SimGateway, eventually
 from fakes import FakeV2Server
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -140,15 +140,17 @@ def test_counters_and_histograms_move_with_the_requests_made(gateway: SimGateway
 
 @pytest.mark.timeout(60)
 def test_the_in_flight_gauge_counts_requests_being_processed(start_sim_gateway: StartGateway) -> None:
-    gateway = start_sim_gateway(upscale_ms=1200, detect_ms=5, face_ms=10)
+    gateway = start_sim_gateway(upscale_ms=2000, detect_ms=5, face_ms=10)
     photo = _photo_png()
     calls = [gevent.spawn(_post, gateway.url, photo) for _ in range(3)]
     during = 0.0
-    for _ in range(10):  # all three are admitted within moments, and stay 1.2 s
-        gevent.sleep(0.1)
+
+    def all_three_counted() -> bool:  # each stays 2 s once admitted; polled until the first ends
+        nonlocal during
         during = value(scrape(gateway.url), "chaoqing_requests_in_flight")
-        if during == 3:
-            break
+        return during == 3 or any(call.ready() for call in calls)
+
+    assert eventually(all_three_counted, 10.0)
     gevent.joinall(calls, raise_error=True)
     assert [call.value.status_code for call in calls] == [200, 200, 200]
     assert during == 3
@@ -206,7 +208,9 @@ def test_hub_blocks_seen_by_gevents_monitor_become_metrics_and_one_log_line() ->
         for family in text_string_to_metric_families(completed.stdout) for sample in family.samples
     }
     blocks = value(samples, "chaoqing_hub_blocked_total")
-    assert 2 <= blocks <= 8, completed.stdout  # reported once per 0.1 s period while blocked
+    # once per 0.1 s period while blocked (0.6 s), not once per check: at most 6 and a late
+    # report; a monitor thread that a busy machine runs late sees fewer, never none
+    assert 1 <= blocks <= 8, completed.stdout
     assert value(samples, "chaoqing_hub_blocked_seconds_total") == pytest.approx(blocks * 0.1)
     lines = completed.stderr.strip().splitlines()
     records = [json.loads(line) for line in lines]  # JSON logs stay JSON: no multi-line gevent report
