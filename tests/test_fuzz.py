@@ -1,4 +1,6 @@
-"""Fuzzing with hypothesis, a bounded number of examples per run (CI included).
+"""Fuzzing with hypothesis, a bounded number of examples per run (CI included), the same
+examples every run (conftest.py's "repeatable" profile), so a failure reproduces; for a deeper
+run by hand, ``HYPOTHESIS_PROFILE=explore CHAOQING_FUZZ_EXAMPLES=5000`` draws fresh ones.
 
 Targets: the decode path (raw bytes and mutated real images of every accepted format), the
 v2 request/response parser and the model server's request handling, and the gateway's query

@@ -34,8 +34,11 @@ StartGateway = Callable[..., SimGateway]
 
 # Small limits make "over the limits" cheap to build and to send.
 LIMITS = Limits(max_body_bytes=2_000_000, max_input_pixels=4_000_000, max_output_pixels=16_000_000)
+# Generous for a busy 2-core machine, and still far below what a hang would take (the 300 s
+# request deadline, the 60 s body read timeout): what they catch is a request that waited on
+# a timeout, or a refusal that decoded the pixels it refuses.
 ANSWER_WITHIN_S = 10.0
-ERROR_WITHIN_S = 2.0  # a refusal is quick: nothing was computed
+ERROR_WITHIN_S = 5.0  # a refusal is quick: nothing was computed
 DOCUMENTED_CODES = {
     400: {"invalid_image", "invalid_parameter"},
     401: {"unauthorized"},

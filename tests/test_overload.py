@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import SimGateway, run_cli
+from conftest import SimGateway, eventually, run_cli
 from PIL import Image
 
 from chaoqing.bench.overload import Client, start_gateway_process, synthetic_png
@@ -27,7 +27,10 @@ pytestmark = pytest.mark.timeout(120)
 
 StartGateway = Callable[..., SimGateway]
 CAPACITY = 4
-REFUSED_WITHIN_S = 0.5  # generous: CI machines are shared; a refusal computes nothing
+UPSCALE_S = 1.5  # how long an admitted request holds its place: far longer than 3 × CAPACITY arrivals take
+# A refusal computes nothing: well within half an admitted request's time, where one that
+# waited in a queue for a place would take the whole of it and more.
+REFUSED_WITHIN_S = UPSCALE_S / 2
 
 
 def _png(width: int = 160, height: int = 120) -> bytes:
@@ -62,7 +65,7 @@ class InFlightWatch:
 
 
 def test_past_capacity_requests_are_refused_at_once_with_retry_after(start_sim_gateway: StartGateway) -> None:
-    gateway = start_sim_gateway(upscale_ms=400, max_in_flight=CAPACITY)
+    gateway = start_sim_gateway(upscale_ms=UPSCALE_S * 1000, max_in_flight=CAPACITY)
     photo = _png()
     solo, solo_s = _timed_post(gateway.url, photo)
     assert solo.status_code == 200
@@ -78,16 +81,18 @@ def test_past_capacity_requests_are_refused_at_once_with_retry_after(start_sim_g
         assert int(response.headers["Retry-After"]) >= 1
         assert seconds < REFUSED_WITHIN_S, f"refused after {seconds:.2f} s: it waited in a queue"
     assert watch.largest == CAPACITY, "never more than max_in_flight at once"
-    assert max(seconds for _, seconds in admitted) < solo_s * 1.5 + 0.3, "admitted requests keep their latency"
+    # side by side, not one after another (the fourth would take 4 × solo); by how much the
+    # refusals slow them is a latency figure, measured by ``chaoqing bench overload``
+    assert max(seconds for _, seconds in admitted) < solo_s * 2, "the admitted requests ran side by side"
     assert gateway.server.gateway.in_flight == 0
     assert _timed_post(gateway.url, photo)[0].status_code == 200, "capacity comes back as requests finish"
 
 
 def test_refused_uploads_are_not_read(start_sim_gateway: StartGateway) -> None:
-    gateway = start_sim_gateway(upscale_ms=1500, max_in_flight=1)
+    gateway = start_sim_gateway(upscale_ms=3000, max_in_flight=1)
     photo = _png()
     busy = gevent.spawn(_timed_post, gateway.url, photo)
-    gevent.sleep(0.3)
+    assert eventually(lambda: gateway.server.gateway.in_flight == 1), "the first request was not admitted"
     big = b"\x89PNG\r\n\x1a\n" + bytes(8 * 2**20)  # 8 MB each, under the 40 MB limit
     process = psutil.Process()
     rss_before = process.memory_info().rss
@@ -142,8 +147,7 @@ def test_bench_overload_smoke(tmp_path: Path) -> None:
     assert one["admitted"] > 0 and many["admitted"] > 0 and many["refused"] > 0
     assert one["unexpected"] == {} and many["unexpected"] == {}
     assert many["refused_without_retry_after"] == 0
-    # the full run's thresholds (docs/reliability.md) need a quiet machine; here, only gross failures
-    assert many["admitted_p50_ms"] < one["admitted_p50_ms"] * 2 + 200, (one, many)
+    # the latencies are the benchmark's to judge (docs/reliability.md), on a quiet machine; here, memory
     assert many["rss_mb_max"] < one["rss_mb_max"] * 1.25, (one, many)
 
 

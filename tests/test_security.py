@@ -42,6 +42,11 @@ def _png(width: int = 48, height: int = 32) -> bytes:
     return buffer.getvalue()
 
 
+# A refusal that reads no body answers within this: generous for a busy 2-core machine, and
+# short of the 10 s these raw clients wait for an answer and of the 60 s body read timeout.
+PROMPTLY_S = 5.0
+
+
 def _post(gateway: SimGateway, body: bytes, query: str = "", headers: dict[str, str] | None = None) -> requests.Response:
     return requests.post(f"{gateway.url}/v1/enhance{query}", data=body,
                          headers={"Content-Type": "image/png", **(headers or {})}, timeout=30)
@@ -360,7 +365,7 @@ def test_a_2gb_content_length_is_413_at_once_and_the_connection_closed(start_sim
     connection.sendall(_head("/v1/enhance", {"Content-Type": "image/png", "Content-Length": str(2 << 30)}) + b"\0" * 65536)
     response = _read_response(connection, started)
     assert response.status == 413 and response.json()["error"]["code"] == "image_too_large"
-    assert response.elapsed < 1.0
+    assert response.elapsed < PROMPTLY_S
     assert response.headers.get("connection") == "close"
     assert _closed_by_server(connection), "the server kept reading a body it refused"
     connection.close()
@@ -386,7 +391,7 @@ def test_a_chunked_upload_past_the_limit_is_cut_off(start_sim_gateway: StartGate
     sender = gevent.spawn(stream_forever)
     response = _read_response(connection, started)
     assert response.status == 413 and response.json()["error"]["code"] == "image_too_large"
-    assert response.elapsed < 2.0
+    assert response.elapsed < PROMPTLY_S
     sender.join(timeout=5)
     assert sender.dead, "the server is still reading an upload past its limit"
     # what the sender got out before the reset: the limit plus the kernel's socket buffers
@@ -426,7 +431,8 @@ def test_a_slow_loris_body_gets_408_within_the_read_timeout(start_sim_gateway: S
     trickler = gevent.spawn(_trickle, connection, b"\0", 100)
     response = _read_response(connection, started)
     assert response.status == 408 and response.json()["error"]["code"] == "request_timeout"
-    assert 0.5 <= response.elapsed < 1.5
+    # at the read timeout, not when the trickle would have ended (10 s)
+    assert 0.5 <= response.elapsed < PROMPTLY_S
     assert _closed_by_server(connection)
     trickler.kill()
     connection.close()
@@ -451,7 +457,7 @@ def test_the_model_server_refuses_a_2gb_body_without_reading_it(start_model_serv
     connection.sendall(_head("/v2/models/sim-upscale-x2/infer", {"Content-Length": str(2 << 30), "Inference-Header-Content-Length": "10"}))
     connection.sendall(b"\0" * 65536)
     response = _read_response(connection, started)
-    assert response.status == 413 and response.elapsed < 1.0
+    assert response.status == 413 and response.elapsed < PROMPTLY_S
     assert _closed_by_server(connection)
     connection.close()
 
@@ -464,8 +470,8 @@ def test_idle_and_slow_header_connections_are_closed(start_sim_gateway: StartGat
     gateway = start_sim_gateway()
     idle = _connect(gateway.url)
     started = time.monotonic()
-    assert _closed_by_server(idle, within_s=3.0), "an idle connection holds a server slot for ever"
-    assert 0.4 <= time.monotonic() - started < 2.0
+    assert _closed_by_server(idle, within_s=PROMPTLY_S), "an idle connection holds a server slot for ever"
+    assert 0.4 <= time.monotonic() - started, "closed before its 0.5 s"
     idle.close()
 
     slow = _connect(gateway.url)
@@ -473,7 +479,7 @@ def test_idle_and_slow_header_connections_are_closed(start_sim_gateway: StartGat
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
     trickler = gevent.spawn(_trickle, slow, b"X-Slow: x\r\n", 50)
     response = _read_response(slow, started)
-    assert response.status == 408 and response.elapsed < 2.0
+    assert response.status == 408 and response.elapsed < PROMPTLY_S  # the trickle never ends the head
     assert _closed_by_server(slow)
     trickler.kill()
     slow.close()
