@@ -36,6 +36,16 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
+def connections_to(port: int) -> int:
+    """This process's established TCP connections towards ``port`` (the client's side)."""
+    import psutil
+
+    return sum(
+        1 for connection in psutil.Process().net_connections("tcp")
+        if connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_ESTABLISHED
+    )
+
+
 def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bool:
     """Poll ``condition`` every 20 ms, yielding to other greenlets, until it holds (True) or
     ``within_s`` has passed (False): for waiting on a state rather than sleeping a guessed time."""

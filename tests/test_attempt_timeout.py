@@ -17,8 +17,8 @@ from typing import Any
 
 import gevent
 import numpy as np
-import psutil
 import pytest
+from conftest import connections_to, eventually
 from fakes import FakeV2Server
 
 from chaoqing.config import RemoteSettings, load_config
@@ -101,21 +101,6 @@ def _timed_infer(model: RemoteModel, deadline_s: float = DEADLINE_S) -> tuple[np
     return outputs["image"], time.monotonic() - started
 
 
-def _connections_to(port: int) -> int:
-    """This process's established TCP connections towards ``port`` (the client's side)."""
-    return sum(
-        1 for connection in psutil.Process().net_connections("tcp")
-        if connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_ESTABLISHED
-    )
-
-
-def _eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bool:
-    ends_at = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > ends_at:
-            return False
-        gevent.sleep(0.02)
-    return True
 
 
 # -- a silent replica ------------------------------------------------------------------------
@@ -175,7 +160,7 @@ def test_a_silent_replica_stays_ejected_while_its_health_check_says_not_ready(
     assert silent_endpoint.circuit == CIRCUIT_OPEN
     # it recovers and says ready: a health check lets it back, and calls reach it again
     silent.behaviour, silent.loaded = "slow", True
-    assert _eventually(lambda: silent_endpoint.circuit == CIRCUIT_CLOSED)
+    assert eventually(lambda: silent_endpoint.circuit == CIRCUIT_CLOSED)
     for _ in range(4):  # two at a time: one of each pair goes to the replica let back
         gevent.joinall([gevent.spawn(_timed_infer, model) for _ in range(2)], raise_error=True)
     assert silent.calls > 1
@@ -221,7 +206,7 @@ def test_a_single_silent_replica_answers_model_timeout_at_its_attempt_timeout(
     elapsed = time.monotonic() - started
     assert ATTEMPT_TIMEOUT_S * EARLY <= elapsed < ATTEMPT_TIMEOUT_S + SLACK_S, f"{elapsed:.2f} s"
     # the abandoned attempt's connection was closed, not kept in the pool (no health checks hold one)
-    assert _eventually(lambda: _connections_to(silent.port) == 0)
+    assert eventually(lambda: connections_to(silent.port) == 0)
     # ejected, nowhere to go: the next call fails without reaching it
     with pytest.raises(ModelUnavailable) as raised:
         model.infer({"image": IMAGE}, ["image"], time.monotonic() + DEADLINE_S)
@@ -277,13 +262,13 @@ def test_a_replica_still_starting_logs_no_circuit_changes_before_its_first_ready
 
     def come_up() -> None:
         # not listening yet (refused) ...
-        assert _eventually(lambda: endpoint.circuit == CIRCUIT_OPEN)
+        assert eventually(lambda: endpoint.circuit == CIRCUIT_OPEN)
         gevent.sleep(0.3)
         # ... then listening but loading (503) ...
         fake = fakes("slow", kind=_LoadingFake, port=port)
         assert isinstance(fake, _LoadingFake)
         server.append(fake)
-        assert _eventually(lambda: fake.ready_checks >= 2)
+        assert eventually(lambda: fake.ready_checks >= 2)
         # ... then ready
         fake.loaded = True
 

@@ -23,10 +23,9 @@ from typing import Any
 
 import gevent
 import numpy as np
-import psutil
 import pytest
 import requests
-from conftest import SimGateway, eventually
+from conftest import SimGateway, connections_to, eventually
 from fakes import FakeV2Server
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
@@ -124,13 +123,6 @@ def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _connections_to(port: int) -> int:
-    """This process's established TCP connections towards ``port`` (the gateway's side)."""
-    return sum(
-        1 for connection in psutil.Process().net_connections("tcp")
-        if connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_ESTABLISHED
-    )
-
 
 @dataclass
 class Baseline:
@@ -152,8 +144,8 @@ def assert_clean(gateway: SimGateway, baseline: Baseline, broken_port: int | Non
     assert eventually(lambda: gateway.server.gateway.in_flight == 0), "a request is still in flight"
     assert eventually(lambda: baseline.request_greenlets() == [], 3.0), baseline.request_greenlets()
     if broken_port is not None:
-        assert eventually(lambda: _connections_to(broken_port) <= connections_before), (
-            f"{_connections_to(broken_port)} sockets to the broken server, {connections_before} before the fault"
+        assert eventually(lambda: connections_to(broken_port) <= connections_before), (
+            f"{connections_to(broken_port)} sockets to the broken server, {connections_before} before the fault"
         )
     assert eventually(lambda: _open_descriptors() <= baseline.descriptors), (
         f"{_open_descriptors()} descriptors open, {baseline.descriptors} before the fault"
@@ -182,7 +174,7 @@ def test_an_upscaler_fault_is_answered_in_time_and_leaves_nothing_behind(
     fake = _good_fake("sim-upscale-x4")
     gateway = start_sim_gateway(endpoints={"sim-upscale-x4": (fake.url,)}, request_deadline_s=DEADLINE_S)
     assert _post(gateway)[0].status_code == 200  # warm: metadata cached, connections pooled
-    connections_before = _connections_to(fake.port)
+    connections_before = connections_to(fake.port)
     baseline = leak_check()
     fake.behaviour, fake.delay_s = behaviour, 5.0
     status, code, answered_by = UPSCALER_FAULTS[behaviour]
@@ -207,7 +199,7 @@ def test_a_face_model_fault_degrades_the_faces_not_the_photo(
     gateway = start_sim_gateway(endpoints={"sim-face": (fake.url,)}, request_deadline_s=3.0)
     warm, _ = _post(gateway)
     assert warm.status_code == 200 and warm.headers["X-Faces-Enhanced"] == "2"
-    connections_before = _connections_to(fake.port)
+    connections_before = connections_to(fake.port)
     baseline = leak_check()
     fake.behaviour, fake.delay_s = behaviour, 10.0
     response, elapsed = _post(gateway)
@@ -382,7 +374,7 @@ def test_a_hanging_endpoint_does_not_pile_up_connections(start_sim_gateway: Star
         remote=RemoteSettings(eject_after_failures=3, eject_for_s=30.0, health_interval_s=60),
     )
     assert _post(gateway, "?faces=false")[0].status_code == 200
-    connections_before = _connections_to(hanging.port)
+    connections_before = connections_to(hanging.port)
     baseline = leak_check()
     hanging.behaviour, calls_before = "hang", hanging.calls
     jobs = [gevent.spawn(_post, gateway, "?faces=false") for _ in range(12)]

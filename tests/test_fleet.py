@@ -181,7 +181,7 @@ def test_concurrency_one_makes_a_sim_server_compute_one_call_at_a_time(
 ) -> None:
     """The option the fleet tests rest on: 4 calls at once to one sim server take 4·L with
     ``concurrency=1`` (and batches of one), L without it (every batch waits on its own)."""
-    latency_s = 0.2
+    latency_s = 0.5
     server = start_model_server([UPSCALER], sim_latency_ms=latency_s * 1000, max_batch_size=1,
                                 sim_concurrency=sim_concurrency)
     remotes = RemoteModels({UPSCALER: (server.url,)}, RemoteSettings())
@@ -193,7 +193,8 @@ def test_concurrency_one_makes_a_sim_server_compute_one_call_at_a_time(
     gevent.joinall(calls, raise_error=True)
     elapsed = time.monotonic() - started
     remotes.close()
-    assert rounds * latency_s <= elapsed < rounds * latency_s + latency_s / 2, elapsed
+    # a whole latency of slack on a busy machine; 1 round and 4 rounds stay far apart all the same
+    assert rounds * latency_s <= elapsed < (rounds + 1) * latency_s, elapsed
 
 
 def test_four_replicas_upscale_sixteen_tiles_in_four_tile_times(
