@@ -89,11 +89,16 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
 @click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", callback=_key_values,
               help="A setting of models that take their own; repeat for several. Only the sim-* simulators "
                    "do: latency_ms, faces, concurrency (see docs/model-server.md).")
+@click.option("--compute-slots", "compute_slots", default=None, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of slot files (slot-0, slot-1, ...) that the model servers on this machine share: "
+                   "each heavy batch holds one while it computes, so they never oversubscribe the cores. "
+                   "`chaoqing serve` makes one for its own ([model_server] compute_slots).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log (stderr).")
 def model_server(models: tuple[str, ...], host: str, port: int, threads: int, device: str, instances: int,
                  max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, model_options: dict[str, str],
-                 log_level: str) -> None:
+                 compute_slots: Path | None, log_level: str) -> None:
     """Serve models over the KServe v2 protocol (REST, binary tensors).
 
     Any v2 client works: the gateway, tritonclient, KServe, curl.
@@ -103,7 +108,7 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
     # cores that spinning steals their CPU (measured here: compact x4 4.9 → 3.5 s and x4plus
     # 17 → 9.5 s when both run at once). Read by libgomp when ncnn loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from chaoqing.errors import RunnerError
+    from chaoqing.errors import ConfigError, RunnerError
     from chaoqing.modelserver.app import ModelServer, ModelServerOptions
     from chaoqing.modelserver.batcher import BatchSettings
     from chaoqing.modelserver.runners import RunnerSettings, available_models, check_model_options
@@ -127,11 +132,14 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
             max_queue_delay_s=max_queue_delay_ms / 1000.0,
             max_queue_size=max_queue_size,
         ),
+        compute_slots=None if compute_slots is None else str(compute_slots),
     )
     try:
         server = ModelServer(options)
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except ConfigError as exc:
+        _fail(f"--compute-slots: {exc}")
     server.start()
     # machine-readable first line: supervisors and tests read the port from it
     click.echo(f"chaoqing model server listening on {server.url} models={','.join(options.models)}", err=False)

@@ -128,9 +128,20 @@ class ModelServerSettings:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     max_request_bytes: int = 1024 * 1024 * 1024
+    # The embedded model servers' shared compute budget (chaoqing.modelserver.compute): at most
+    # this many heavy batches compute at once on this machine, each on cores / compute_slots
+    # threads (when threads is 0); detection runs beside them. 0 = no budget: every server uses
+    # every core. 2: measured on 2 cores, two 1-thread calls side by side do more than one
+    # 2-thread call (ncnn gains 1.2-1.5x from its second thread), docs/benchmarks.md "One machine".
+    # CPU only (a GPU device gets no budget); model servers at configured endpoints are untouched.
+    compute_slots: int = 2
     # sim-* models only (tests and benchmarks): given to them alone, as --model-option settings
     sim_latency_ms: float = 100.0
     sim_faces: int = 2
+
+    def __post_init__(self) -> None:
+        if self.compute_slots < 0:
+            raise ConfigError(f"model_server.compute_slots: {self.compute_slots} must be 0 (no budget) or more")
 
 
 @dataclass(frozen=True)

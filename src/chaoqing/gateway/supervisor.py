@@ -10,6 +10,14 @@ with a growing back-off. Children die with the parent (PR_SET_PDEATHSIG on Linux
 Every child gets the same server settings; only a simulator (a ``sim-*`` model, for tests
 and benchmarks) also gets ``[model_server]``'s ``sim_latency_ms`` and ``sim_faces``, as
 ``--model-option`` settings of its own. A real model is never started with them.
+
+The compute budget: with ``[model_server] compute_slots`` N > 0 on the CPU, :meth:`start`
+makes a private folder of N slot files (in ``$XDG_RUNTIME_DIR``, else the temp folder) and
+passes it to every child as ``--compute-slots``, with ``--threads`` cores / N when
+``threads`` is 0, so that the children together never compute more than N heavy batches on
+that many threads (:mod:`chaoqing.modelserver.compute` says why and how); :meth:`stop`
+removes it. A restarted child gets the same folder; a child that dies holding a slot loses
+its lock with it.
 """
 
 from __future__ import annotations
@@ -18,11 +26,14 @@ import ctypes
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gevent
 from gevent import subprocess
@@ -40,6 +51,9 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_AFTER_S = 30.0  # a child that ran this long resets the back-off
 PR_SET_PDEATHSIG = 1
 SIMULATOR_PREFIX = "sim-"  # how chaoqing.modelserver.runners names its simulators
+SLOT_FILE_PREFIX = "slot-"  # how chaoqing.modelserver.compute names its slot files
+CPU_DEVICE = "cpu"  # the budget shares CPU cores; a GPU device gets none
+RUNTIME_DIRECTORY_VARIABLE = "XDG_RUNTIME_DIR"
 
 
 
@@ -77,7 +91,13 @@ class ModelServerSupervisor:
                  threads_per_model: int | None = None) -> None:
         self.settings = settings
         self.log_level = log_level
-        self.threads_per_model = threads_per_model if threads_per_model is not None else settings.threads
+        self.compute_slots = settings.compute_slots if settings.device == CPU_DEVICE else 0
+        if threads_per_model is None:
+            threads_per_model = settings.threads
+            if threads_per_model == 0 and self.compute_slots:
+                threads_per_model = max(1, len(os.sched_getaffinity(0)) // self.compute_slots)
+        self.threads_per_model = threads_per_model
+        self.compute_slots_directory: Path | None = None  # made by start() when there is a budget
         self._children = {model: _Child(model) for model in dict.fromkeys(models)}
         self._stopping = False
 
@@ -100,6 +120,7 @@ class ModelServerSupervisor:
             "--max-queue-delay-ms", str(settings.max_queue_delay_ms),
             "--max-queue-size", str(settings.max_queue_size),
             *_model_options(child.model, settings),
+            *(["--compute-slots", str(self.compute_slots_directory)] if self.compute_slots_directory else []),
             "--log-level", self.log_level,
             *child.extra_arguments,
         ]
@@ -133,8 +154,11 @@ class ModelServerSupervisor:
     def start(self) -> None:
         """Start every child (concurrently) and return once each has printed its URL.
 
-        Raises SupervisorError when one does not start; the others are stopped then.
+        Raises SupervisorError when one does not start (or the compute slots cannot be made);
+        the others are stopped then.
         """
+        if self.compute_slots and self.compute_slots_directory is None:
+            self.compute_slots_directory = _make_slot_files(self.compute_slots)
         jobs = [gevent.spawn(self._launch, child) for child in self._children.values()]
         gevent.joinall(jobs)
         failed = [job.exception for job in jobs if not job.successful()]
@@ -184,3 +208,19 @@ class ModelServerSupervisor:
                 process.wait()
             if process.stdout is not None:
                 process.stdout.close()
+        if self.compute_slots_directory is not None:
+            shutil.rmtree(self.compute_slots_directory, ignore_errors=True)
+            self.compute_slots_directory = None
+
+
+def _make_slot_files(slots: int) -> Path:
+    """A private folder with ``slots`` slot files; raises SupervisorError when it cannot be made."""
+    runtime_directory = os.environ.get(RUNTIME_DIRECTORY_VARIABLE, "")
+    parent = runtime_directory if runtime_directory and os.path.isdir(runtime_directory) else None
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="chaoqing-compute-", dir=parent))
+        for index in range(slots):
+            (directory / f"{SLOT_FILE_PREFIX}{index}").touch()
+    except OSError as exc:
+        raise SupervisorError(f"cannot make the model servers' compute slots: {exc.strerror or exc}") from exc
+    return directory

@@ -17,7 +17,9 @@ as in Triton, passed while it was queued) and 500 (the runner raised). A malform
 never takes the process down.
 
 Threads: the HTTP side is gevent greenlets on one hub; each model instance computes on a
-native thread of its own (see :mod:`chaoqing.modelserver.batcher`).
+native thread of its own (see :mod:`chaoqing.modelserver.batcher`). With ``compute_slots``
+(a folder of slot files, :mod:`chaoqing.modelserver.compute`) every heavy batch holds one of
+the slots the model servers on this machine share while it computes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -49,6 +52,7 @@ from chaoqing.errors import (
     retry_after_for,
 )
 from chaoqing.modelserver.batcher import Batcher, BatchRecord, BatchSettings
+from chaoqing.modelserver.compute import ComputeBudget
 from chaoqing.modelserver.runners import RunnerSettings, create_runner
 from chaoqing.modelserver.runners.base import ModelSpec, Runner
 from chaoqing.protocol import v2
@@ -80,6 +84,7 @@ class ModelServerOptions:
     max_input_pixels: int = 16_777_216  # per call, all batch items together (4096²)
     body_read_timeout_s: float = BODY_READ_TIMEOUT_S
     max_connections: int = 1024
+    compute_slots: str | None = None  # a folder of slot files shared on this machine; None: no budget
 
 
 class _Metrics:
@@ -111,12 +116,24 @@ class _Metrics:
         self.queue_depth = Gauge(
             "chaoqing_model_queue_depth", "Requests waiting for a batch", ["model"], registry=self.registry
         )
+        self.slot_wait_seconds = Histogram(
+            "chaoqing_model_compute_slot_wait_seconds", "Time a batch waited for a compute slot", ["model"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.slots_waiting = Gauge(
+            "chaoqing_compute_slots_waiting", "Batches of this server waiting for a compute slot", registry=self.registry
+        )
+        self.slots_held = Gauge(
+            "chaoqing_compute_slots_held", "Compute slots this server holds", registry=self.registry
+        )
 
     def batch_recorder(self, model: str) -> Callable[[BatchRecord], None]:
         def record(batch: BatchRecord) -> None:
             self.batch_size.labels(model).observe(batch.size)
             self.inference_seconds.labels(model).observe(batch.compute_s)
             self.queue_wait_seconds.labels(model).observe(batch.queue_wait_s)
+            self.slot_wait_seconds.labels(model).observe(batch.slot_wait_s)
 
         return record
 
@@ -177,10 +194,12 @@ def validate_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray], max_input
 class ModelServerApp:
     """The WSGI application. Models are looked up in ``models`` on every request."""
 
-    def __init__(self, options: ModelServerOptions, models: Mapping[str, _Model], metrics: _Metrics) -> None:
+    def __init__(self, options: ModelServerOptions, models: Mapping[str, _Model], metrics: _Metrics,
+                 budget: ComputeBudget | None = None) -> None:
         self.options = options
         self.models = models
         self.metrics = metrics
+        self.budget = budget
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes | memoryview]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -200,6 +219,9 @@ class ModelServerApp:
             for name, model in self.models.items():
                 if model.batcher is not None:
                     self.metrics.queue_depth.labels(name).set(model.batcher.queue_depth)
+            if self.budget is not None:
+                self.metrics.slots_waiting.set(self.budget.waiting)
+                self.metrics.slots_held.set(self.budget.held)
             body = generate_latest(self.metrics.registry)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
             return [body]
@@ -354,7 +376,8 @@ class ModelServer:
     ``start()`` returns at once (health/live answers while models load); ``serve_forever()``
     blocks; ``stop()`` closes the listener, lets in-flight requests finish within its
     timeout, then releases the models. ``port`` is the bound port (useful with port 0).
-    Raises OSError when the address cannot be bound.
+    Raises OSError when the address cannot be bound, ConfigError when ``compute_slots`` is not a
+    folder of slot files.
     """
 
     def __init__(self, options: ModelServerOptions, runner_factory: Callable[[str, RunnerSettings], Runner] = create_runner) -> None:
@@ -364,7 +387,9 @@ class ModelServer:
         self._runner_factory = runner_factory
         self._metrics = _Metrics()
         self.models: dict[str, _Model] = {name: _Model(name) for name in options.models}
-        self.app = ModelServerApp(options, self.models, self._metrics)
+        # one budget for every model of this process; raises ConfigError for a bad folder
+        self.budget = ComputeBudget(Path(options.compute_slots)) if options.compute_slots else None
+        self.app = ModelServerApp(options, self.models, self._metrics, self.budget)
         self._listener = create_listener(options.host, options.port)
         self.port = bound_port(self._listener)
         self._server = WSGIServer(
@@ -401,6 +426,8 @@ class ModelServer:
         for model in self.models.values():
             if model.batcher is not None:
                 model.batcher.close()
+        if self.budget is not None:
+            self.budget.close()
 
     def _load(self, model: _Model) -> None:
         hub = gevent.get_hub()
@@ -415,6 +442,6 @@ class ModelServer:
             _log.exception("model %s failed to load: %s", model.name, exc)
             return
         model.spec = runner.spec
-        model.batcher = Batcher(runner, self.options.batching, self._metrics.batch_recorder(model.name))
+        model.batcher = Batcher(runner, self.options.batching, self._metrics.batch_recorder(model.name), self.budget)
         model.state = "ready"
         _log.info("model %s ready in %.2f s", model.name, time.monotonic() - started)

@@ -20,11 +20,29 @@ greenlet rather than on an instance thread, and the batcher starts as many batch
 as its :attr:`Runner.max_concurrent_batches` says (0: no limit) in place of ``instances``.
 A declared flag rather than a hook: the only difference is where ``run`` is called and how
 many at once, so the queue, batching, deadlines and abandonment above stay one code path.
+
+A compute budget (:class:`~chaoqing.modelserver.compute.ComputeBudget`, the slots the model
+servers on one machine share) changes three things for a runner that
+:attr:`~chaoqing.modelserver.runners.base.Runner.holds_compute_slot`:
+
+- each batch holds a slot while it computes. The scheduler takes the slot once a request
+  is queued and before it gathers the batch, so requests that arrive while it waits join
+  that batch, and it gives the wait up when every queued request is abandoned or expired
+  (nothing is computed for nobody, and no slot is held idle). The slot is released when the
+  runner returns or raises; a request killed while its batch computes frees it when the
+  computation ends (native code cannot be interrupted).
+- the batcher starts up to ``max(instances, slots)`` batches at once: the slots bound what
+  the machine computes, so any model may use any free slot.
+- the queue is shared among the instances free at the moment: a batch takes at most its
+  share, ⌈queued items / free instances⌉. On a CPU a batch of N crops runs as N calls in
+  turn (ncnn has no batch dimension), so two faces in one batch would run on one slot while
+  the other stays idle; as two batches they run side by side.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -37,6 +55,7 @@ from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
 from chaoqing.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from chaoqing.modelserver.compute import ComputeBudget, ComputeSlot
 from chaoqing.modelserver.runners.base import Runner
 
 __all__ = ["BatchRecord", "BatchSettings", "Batcher"]
@@ -63,6 +82,7 @@ class BatchRecord:
     size: int
     queue_wait_s: float
     compute_s: float
+    slot_wait_s: float = 0.0  # how long it waited for a compute slot (0 without a budget)
 
 
 @dataclass(eq=False)
@@ -90,10 +110,13 @@ class Batcher:
         runner: Runner,
         settings: BatchSettings,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        budget: ComputeBudget | None = None,
     ) -> None:
         self.runner = runner
         self.settings = settings
         self._on_batch = on_batch
+        # a runner that declares itself light (the detector, the simulators) runs beside the budget
+        self.budget = budget if budget is not None and runner.holds_compute_slot else None
         self._batched = runner.spec.max_batch_size > 0
         self._max_items = min(settings.max_batch_size, runner.spec.max_batch_size) if self._batched else 1
         self._queue: deque[_Queued] = deque()
@@ -104,7 +127,7 @@ class Batcher:
         if runner.runs_on_hub:
             slots = runner.max_concurrent_batches or UNLIMITED_BATCHES
         else:
-            slots = max(1, settings.instances)
+            slots = max(1, settings.instances, self.budget.slots if self.budget is not None else 0)
             self._threads = ThreadPool(slots)
         self._free_instances = Semaphore(slots)
         self._scheduler = gevent.spawn(self._schedule_forever)
@@ -158,12 +181,42 @@ class Batcher:
     def _schedule_forever(self) -> None:
         while True:
             self._free_instances.acquire()
+            slot = None
             try:
+                if self.budget is not None:
+                    slot = self._take_slot()
                 batch = self._gather_batch()
             except BaseException:
+                if slot is not None and self.budget is not None:
+                    self.budget.release(slot)
                 self._free_instances.release()
                 raise
-            gevent.spawn(self._run_batch, batch)
+            gevent.spawn(self._run_batch, batch, slot)
+
+    def _has_live_work(self) -> bool:
+        now = time.monotonic()
+        return any(not item.abandoned and not _expired(item, now) for item in self._queue)
+
+    def _take_slot(self) -> ComputeSlot:
+        """Wait for a queued request, then for a compute slot while one is still wanted."""
+        assert self.budget is not None
+        while True:
+            self._wait_for_work()
+            slot = self.budget.acquire(self._has_live_work)
+            if slot is not None:
+                if self._has_live_work():
+                    return slot
+                self.budget.release(slot)
+            elif self.budget.closed:
+                raise gevent.GreenletExit  # closing: the scheduler ends
+
+    def _wait_for_work(self) -> None:
+        while True:
+            self._drop_dead()
+            if self._queue:
+                return
+            self._arrived.clear()
+            self._arrived.wait()
 
     def _drop_dead(self) -> None:
         now = time.monotonic()
@@ -172,21 +225,25 @@ class Batcher:
             if not item.abandoned:
                 item.result.set_exception(DeadlineExceeded("deadline passed while queued"))
 
+    def _batch_limit(self) -> int:
+        """Items this batch may take: all it may, or under a budget its share of the queue."""
+        free_instances = int(self._free_instances.counter) + 1  # this batch's instance and those still free
+        if self.budget is None or free_instances <= 1:
+            return self._max_items
+        queued_items = sum(item.batch_items for item in self._queue if not item.abandoned)
+        return max(1, min(self._max_items, math.ceil(queued_items / free_instances)))
+
     def _gather_batch(self) -> list[_Queued]:
-        while True:
-            self._drop_dead()
-            if self._queue:
-                break
-            self._arrived.clear()
-            self._arrived.wait()
+        self._wait_for_work()
+        limit = self._batch_limit()
         head = self._queue.popleft()
         batch = [head]
         items = head.batch_items
         closes_at = time.monotonic() + self.settings.max_queue_delay_s
-        while items < self._max_items:
-            items += self._take_matching(batch, head.shape_key, self._max_items - items)
+        while items < limit:
+            items += self._take_matching(batch, head.shape_key, limit - items)
             remaining = closes_at - time.monotonic()
-            if items >= self._max_items or remaining <= 0:
+            if items >= limit or remaining <= 0:
                 break
             self._arrived.clear()
             self._arrived.wait(remaining)
@@ -211,7 +268,7 @@ class Batcher:
         self._queue = kept
         return taken
 
-    def _run_batch(self, batch: list[_Queued]) -> None:
+    def _run_batch(self, batch: list[_Queued], slot: ComputeSlot | None = None) -> None:
         started = time.monotonic()
         try:
             live = [item for item in batch if not item.abandoned]
@@ -244,9 +301,12 @@ class Batcher:
                         size=sum(item.batch_items for item in live),
                         queue_wait_s=started - min(item.enqueued_at for item in live),
                         compute_s=finished - computing,
+                        slot_wait_s=slot.waited_s if slot is not None else 0.0,
                     )
                 )
         finally:
+            if slot is not None and self.budget is not None:
+                self.budget.release(slot)
             self._free_instances.release()
 
 

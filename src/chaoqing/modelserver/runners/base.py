@@ -102,6 +102,11 @@ class Runner(ABC):
     #: For a runner on the hub, how many batches it takes at once (0: no limit), as the
     #: instances do for the others; the server queues the rest.
     max_concurrent_batches: int = 0
+    #: True: a batch holds one of the machine's compute slots while it runs, when the server
+    #: has a compute budget (:mod:`chaoqing.modelserver.compute`): models that keep every
+    #: thread they are given busy. False: light or single-threaded work (dlib's HOG detector)
+    #: and the simulators, which compute nothing, run beside them.
+    holds_compute_slot: bool = True
 
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -139,6 +139,8 @@ def choose_upsample(height: int, width: int, upsample: int) -> int:
 class DlibFaceDetector(Runner):
     """dlib HOG face detector + 5-point landmarks. CPU only; one :meth:`run` at a time."""
 
+    holds_compute_slot = False  # one thread, ~0.3 s a photo: it overlaps the upscale
+
     def __init__(
         self,
         *,

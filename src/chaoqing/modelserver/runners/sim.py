@@ -130,6 +130,7 @@ class SimUpscaler(Runner):
     """Nearest-neighbour ×``scale``; with ``mark_faces`` also brightens (``sim-face``)."""
 
     runs_on_hub = True
+    holds_compute_slot = False  # waits, computes next to nothing: as if on hardware of its own
 
     def __init__(
         self,
@@ -188,6 +189,7 @@ class SimFaceDetector(Runner):
     """``faces`` deterministic faces on a grid; the face detector's contract and metadata."""
 
     runs_on_hub = True
+    holds_compute_slot = False  # waits, computes next to nothing: as if on hardware of its own
 
     def __init__(self, name: str, *, settings: SimSettings = SimSettings()) -> None:
         self.faces = settings.faces
