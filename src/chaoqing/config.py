@@ -37,6 +37,8 @@ from chaoqing.errors import ConfigError
 __all__ = [
     "PRESETS",
     "Config",
+    "EncodeSettings",
+    "JobSettings",
     "Limits",
     "ModelServerSettings",
     "Preset",
@@ -58,6 +60,9 @@ class Limits:
     max_input_pixels: int = 16_000_000
     max_output_pixels: int = 64_000_000
     max_faces: int = 64  # faces enhanced per photo, the largest first; the rest keep the background
+    # an upload's EXIF block or XMP packet larger than this is not carried (logged); cameras
+    # write 10-70 kB (JPEG caps each at 64 kB), so 1 MiB is generous and bounds a hostile PNG's
+    max_metadata_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,22 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
         "quality": Preset("quality", PLUS_X4, PLUS_X4, "Real-ESRGAN x4plus everywhere"),
     }
 )
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How the output is written (``[encode]``); ``strip_metadata`` and ``strip_gps`` are the
+    defaults of the request parameters of those names."""
+
+    # zlib level of PNG output, 0 (stored) to 9: level 1 writes ~12 % more bytes than 6 (zlib's
+    # default) in a fifth to a quarter of the time, measured on ×4 upscales (docs/benchmarks.md)
+    png_compress_level: int = 1
+    strip_metadata: bool = False  # write no EXIF, XMP or ICC (colours converted to sRGB first)
+    strip_gps: bool = False  # write EXIF and XMP without their GPS positions
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.png_compress_level <= 9:
+            raise ConfigError(f"encode.png_compress_level: {self.png_compress_level} is outside 0-9")
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,46 @@ class ModelServerSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """The job spool (``POST /v1/jobs``): where jobs live, its bounds, and a job's own limits.
+
+    A job's photo may be larger and take longer than a synchronous request's: 25 MP in (a
+    24 MP camera's 6000×4000), 100 MP out (that photo at 2×), 6 hours. On a 2-core CPU the
+    fast preset takes 10-36 s per input MP (a 24 MP photo: 4-15 min) and x4plus everywhere
+    (quality) about 0.0016-0.0027 MP/s (docs/jobs.md: 24 MP in 2.5-4.2 h), so 6 h covers a
+    24 MP photo with every built-in preset here.
+    """
+
+    spool_dir: str = ""  # "" = $XDG_STATE_HOME/chaoqing/jobs (~/.local/state/chaoqing/jobs)
+    max_jobs: int = 1000  # jobs in the spool, whatever their status; past it POST answers 503 spool_full
+    max_bytes: int = 10 * 1024 * 1024 * 1024  # inputs and results on disk; past it 503 spool_full
+    max_running: int = 1  # per gateway process: on one CPU a second job only shares its cores
+    result_ttl_s: float = 86400.0  # a finished job (done, failed, cancelled) is kept this long
+    deadline_s: float = 21600.0  # per run of a job (see above)
+    max_body_bytes: int = 128 * 1024 * 1024
+    max_input_pixels: int = 25_000_000
+    max_output_pixels: int = 100_000_000
+    # runs a job may lose to a gateway that stopped without releasing it (killed, crashed);
+    # the loss after that fails the job with the reason. An orderly stop releases its jobs
+    # and costs no attempt.
+    max_attempts: int = 2
+    # a running job's gateway refreshes its heartbeat every heartbeat_timeout_s / 4; one not
+    # refreshed for this long is taken over by another gateway (clocks must agree to well within it)
+    heartbeat_timeout_s: float = 30.0
+    # the ETA before the first tile is measured, for an upscaler whose metadata publishes no
+    # input_megapixels_per_s: the compact x4 model on a 2-core CPU, 10-36 s per MP (20 s)
+    default_megapixels_per_s: float = 0.05
+    max_event_streams: int = 64  # open GET /v1/jobs/{id}/events streams per gateway process
+
+    def __post_init__(self) -> None:
+        for name in ("max_jobs", "max_bytes", "max_running", "result_ttl_s", "deadline_s", "max_body_bytes",
+                     "max_input_pixels", "max_output_pixels", "max_attempts", "heartbeat_timeout_s",
+                     "default_megapixels_per_s", "max_event_streams"):
+            if not getattr(self, name) > 0:  # NaN too
+                raise ConfigError(f"jobs.{name}: must be positive")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the gateway, the CLI and the embedded model servers need to know."""
 
@@ -168,8 +229,10 @@ class Config:
     log_format: str = "auto"  # auto | json | text
     limits: Limits = field(default_factory=Limits)
     tiles: TileSettings = field(default_factory=TileSettings)
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     model_server: ModelServerSettings = field(default_factory=ModelServerSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
     endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: types.MappingProxyType({}))
     presets: Mapping[str, Preset] = field(default_factory=lambda: PRESETS)
 
@@ -220,8 +283,10 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "limits": Limits,
     "tiles": TileSettings,
+    "encode": EncodeSettings,
     "remote": RemoteSettings,
     "model_server": ModelServerSettings,
+    "jobs": JobSettings,
 }
 
 

@@ -11,11 +11,15 @@
      │    ├── InvalidTensorRequest      400 invalid_tensor        (model server: bad v2 request)
      │    ├── BodyTooLarge              413 body_too_large        (model server)
      │    ├── SlowRequestBody           408 request_timeout       (the body did not arrive in time)
-     │    └── UnknownModel              404 unknown_model         (model server)
+     │    ├── UnknownModel              404 unknown_model         (model server)
+     │    ├── JobNotFound               404 job_not_found         (no such job, or not the caller's)
+     │    ├── JobNotFinished            409 job_not_finished      (Retry-After; its result is not there yet)
+     │    └── JobHasNoResult            409 job_has_no_result     (the job failed or was cancelled)
      ├── MalformedMessage               400 invalid_tensor        (a v2 message off the protocol;
      │                                                             the gateway's client says BadModelResponse)
      ├── Unauthorized                   401 unauthorized
      ├── Overloaded                     503 overloaded            (Retry-After)
+     │    └── SpoolFull                 503 spool_full            (Retry-After; the job spool is at a bound)
      ├── ShuttingDown                   503 shutting_down         (Retry-After; the process is stopping)
      ├── DeadlineExceeded               504 deadline_exceeded
      ├── InferenceFailed                500 inference_failed      (model server: the runner raised)
@@ -58,6 +62,9 @@ __all__ = [
     "InvalidParameter",
     "InvalidRequest",
     "InvalidTensorRequest",
+    "JobHasNoResult",
+    "JobNotFinished",
+    "JobNotFound",
     "MalformedMessage",
     "ModelServerError",
     "ModelTimeout",
@@ -67,6 +74,7 @@ __all__ = [
     "RunnerError",
     "ShuttingDown",
     "SlowRequestBody",
+    "SpoolFull",
     "SupervisorError",
     "Unauthorized",
     "UnknownModel",
@@ -116,6 +124,22 @@ class UnknownModel(InvalidRequest):
     """The model server does not serve the named model."""
 
 
+class JobNotFound(InvalidRequest):
+    """No job has this id, or it belongs to another API key (404 either way: ids do not leak)."""
+
+
+class JobNotFinished(InvalidRequest):
+    """The job is queued or running: its result is not there yet; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class JobHasNoResult(InvalidRequest):
+    """The job failed or was cancelled, so it has no result (its state says why)."""
+
+
 class Unauthorized(ChaoqingError):
     """A missing or wrong API key."""
 
@@ -126,6 +150,11 @@ class Overloaded(ChaoqingError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class SpoolFull(Overloaded):
+    """The job spool holds ``[jobs] max_jobs`` jobs or ``max_bytes`` bytes; retry after ``retry_after_s``
+    (when the next finished job expires)."""
 
 
 class MalformedMessage(ChaoqingError, ValueError):
@@ -222,10 +251,14 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     BodyTooLarge: HttpError(413, "body_too_large"),
     SlowRequestBody: HttpError(408, "request_timeout"),
     UnknownModel: HttpError(404, "unknown_model"),
+    JobNotFound: HttpError(404, "job_not_found"),
+    JobNotFinished: HttpError(409, "job_not_finished"),
+    JobHasNoResult: HttpError(409, "job_has_no_result"),
     InvalidRequest: HttpError(400, "invalid_parameter"),
     MalformedMessage: HttpError(400, "invalid_tensor"),
     Unauthorized: HttpError(401, "unauthorized"),
     Overloaded: HttpError(503, "overloaded"),
+    SpoolFull: HttpError(503, "spool_full"),
     ShuttingDown: HttpError(503, "shutting_down"),
     DeadlineExceeded: HttpError(504, "deadline_exceeded"),
     InferenceFailed: HttpError(500, "inference_failed"),
@@ -256,7 +289,7 @@ def http_error_for(error: BaseException) -> HttpError:
 
 def retry_after_for(error: BaseException) -> float | None:
     """Seconds for a Retry-After header, or None when the error does not invite a retry."""
-    if isinstance(error, (Overloaded, ShuttingDown)):
+    if isinstance(error, (Overloaded, ShuttingDown, JobNotFinished)):
         return error.retry_after_s
     if isinstance(error, ModelUnavailable):
         return error.retry_after_s

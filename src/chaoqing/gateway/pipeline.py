@@ -25,6 +25,11 @@ Policies (named, not scattered):
 Each face ends as a :class:`FaceResult`: enhanced (with its paste), too small, over the
 limit, failed or not finished (with the reason).
 
+A caller that watches one photo (a job, the CLI) passes a :class:`ProgressListener` to
+:func:`enhance_photo`: it hears the stage, the background's tiles done out of their total
+and the faces done out of theirs, on the hub, and must only update memory (a job writes its
+state to disk on a greenlet of its own). The synchronous request passes none.
+
 All state is per request: nothing here is shared between greenlets except read-only
 arrays. Remote calls happen only in greenlets of this hub; pixel work only in the
 threadpool. The branches are public building blocks (:func:`prepare_photo`,
@@ -42,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import gevent
 import numpy as np
@@ -83,6 +88,7 @@ from chaoqing.gateway.stages.enhance_faces import (
     face_size_in_image,
 )
 from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
+from chaoqing.gateway.stages.metadata import OutputMetadata, output_metadata
 from chaoqing.gateway.stages.resize import restore_bit_depth
 from chaoqing.gateway.stages.upscale import upscale_image
 
@@ -96,6 +102,8 @@ __all__ = [
     "FacesOutcome",
     "PhotoRequest",
     "PipelineServices",
+    "ProgressListener",
+    "ProgressStage",
     "detect_faces",
     "enhance_face",
     "enhance_faces",
@@ -129,6 +137,8 @@ class EnhanceOptions:
     output_format: str | None = None
     quality: int | None = None
     request_id: str = ""
+    strip_metadata: bool | None = None  # write no EXIF, XMP, ICC; None: config.encode's default
+    strip_gps: bool | None = None  # write EXIF and XMP without GPS; None: config.encode's default
 
 
 class FaceStatus(enum.Enum):
@@ -156,6 +166,7 @@ class FacesOutcome:
     """Every detected face's result, in detection order."""
 
     results: tuple[FaceResult, ...] = ()
+    detection_skipped: bool = False  # faces off, or a preset without a face model: nothing was looked for
 
     @property
     def detected(self) -> int:
@@ -175,7 +186,7 @@ class FacesOutcome:
         return tuple(result.reason for result in self.results if result.status in unfinished)
 
 
-NO_FACES = FacesOutcome()
+NO_FACES = FacesOutcome(detection_skipped=True)
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,10 @@ class EnhanceResult:
     height: int
     faces: FacesOutcome
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def face_detection_skipped(self) -> bool:
+        return self.faces.detection_skipped
 
     @property
     def faces_detected(self) -> int:
@@ -205,6 +220,64 @@ class EnhanceResult:
     @property
     def face_errors(self) -> tuple[str, ...]:
         return self.faces.errors
+
+
+class ProgressStage(enum.StrEnum):
+    """Where one photo is, as a :class:`ProgressListener` hears it."""
+
+    DECODE = "decode"
+    ENHANCE = "enhance"  # the background's tiles and the faces, at once
+    COMPOSITE = "composite"
+    ENCODE = "encode"
+
+
+class ProgressListener(Protocol):
+    """Told how one photo goes. Called on the hub from the pipeline's greenlets: an
+    implementation only updates memory, and never blocks or raises."""
+
+    def on_stage(self, stage: ProgressStage) -> None:
+        """The photo entered ``stage``."""
+
+    def on_tiles(self, done: int, total: int) -> None:
+        """The background's model calls: ``done`` of ``total`` (0 of N when planned; a photo
+        that fits one call is 1 tile; an alpha channel adds its own tiles)."""
+
+    def on_faces(self, done: int, total: int) -> None:
+        """Faces enhanced or given up: ``done`` of the ``total`` chosen (0 of N when detected;
+        faces over ``limits.max_faces`` are not counted). Never called when faces are off."""
+
+
+class _NoProgress:
+    """The listener of a caller that does not watch (the synchronous request)."""
+
+    def on_stage(self, stage: ProgressStage) -> None:
+        pass
+
+    def on_tiles(self, done: int, total: int) -> None:
+        pass
+
+    def on_faces(self, done: int, total: int) -> None:
+        pass
+
+
+NO_PROGRESS: ProgressListener = _NoProgress()
+
+
+class _TileTally:
+    """Sums the tiles of the planes one background sends (colour, and alpha when there is
+    one) into one count for the listener."""
+
+    def __init__(self, listener: ProgressListener, planes: int) -> None:
+        self.listener = listener
+        self.done = [0] * planes
+        self.total = [0] * planes
+
+    def plane(self, index: int) -> Callable[[int, int], None]:
+        def count(done: int, total: int) -> None:
+            self.done[index], self.total[index] = done, total
+            self.listener.on_tiles(sum(self.done), sum(self.total))
+
+        return count
 
 
 @dataclass(frozen=True)
@@ -309,6 +382,7 @@ class PhotoRequest:
     started: float
     deadline: float
     timer: _StageTimer
+    progress: ProgressListener = NO_PROGRESS
 
     @property
     def background_scale(self) -> float:
@@ -316,13 +390,18 @@ class PhotoRequest:
         return (width / self.decoded.width + height / self.decoded.height) / 2
 
 
-def enhance_photo(data: bytes, media_type: str | None, options: EnhanceOptions, services: PipelineServices) -> EnhanceResult:
-    """Enhance one encoded photo: the background and the faces at once, then composite.
+def enhance_photo(
+    data: bytes, media_type: str | None, options: EnhanceOptions, services: PipelineServices,
+    progress: ProgressListener | None = None,
+) -> EnhanceResult:
+    """Enhance one encoded photo: the background and the faces at once, then composite;
+    ``progress`` hears how it goes.
 
     Raises ChaoqingError subclasses (see the module notes): InvalidImage, ImageTooLarge,
     UnsupportedMediaType, DeadlineExceeded, and the ModelServerError of a failed branch.
     """
-    request = prepare_photo(data, media_type, options, services)
+    request = prepare_photo(data, media_type, options, services, progress)
+    request.progress.on_stage(ProgressStage.ENHANCE)
     preset = request.config.presets[options.preset]
     face_model = preset.face_model if options.faces else None
     background = gevent.spawn(upscale_background, request, preset.upscaler)
@@ -331,13 +410,18 @@ def enhance_photo(data: bytes, media_type: str | None, options: EnhanceOptions, 
     return finish_photo(request, background.value, faces.value if faces is not None else NO_FACES)
 
 
-def prepare_photo(data: bytes, media_type: str | None, options: EnhanceOptions, services: PipelineServices) -> PhotoRequest:
+def prepare_photo(
+    data: bytes, media_type: str | None, options: EnhanceOptions, services: PipelineServices,
+    progress: ProgressListener | None = None,
+) -> PhotoRequest:
     """Check and decode the upload (threadpool); fix the output size, format and deadline.
 
     Raises UnsupportedMediaType, InvalidImage, ImageTooLarge."""
     config = services.config
     started = time.monotonic()
     timer = _StageTimer()
+    listener = progress if progress is not None else NO_PROGRESS
+    listener.on_stage(ProgressStage.DECODE)
     with timer("decode"):
         check_media_type(media_type, data)
         decoded = offload(decode_image, data, config.limits)
@@ -348,22 +432,21 @@ def prepare_photo(data: bytes, media_type: str | None, options: EnhanceOptions, 
         rgb8: npt.NDArray[np.uint8] = offload(to_8_bit, decoded.rgb)  # the same array when already 8-bit
     return PhotoRequest(
         decoded, rgb8, options, config, services.remotes, output_size, output_format,
-        started, started + config.request_deadline_s, timer,
+        started, started + config.request_deadline_s, timer, listener,
     )
 
 
 def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: FacesOutcome) -> EnhanceResult:
     """Composite the faces onto the background and encode (threadpool)."""
     timer = request.timer
+    request.progress.on_stage(ProgressStage.COMPOSITE)
     with timer("composite"):
         canvas = offload(_composite, background, faces.pastes) if faces.pastes else background
+    request.progress.on_stage(ProgressStage.ENCODE)
     with timer("encode"):
-        alpha = canvas[:, :, 3] if canvas.shape[2] == 4 else None
-        decoded = request.decoded
-        encoded = offload(
-            encode_image, canvas[:, :, :3], alpha, request.output_format, request.options.quality,
-            decoded.icc_profile, decoded.bit_depth,
-        )
+        encoded, metadata_notes = offload(_encode_output, request, canvas)
+    for note in metadata_notes:
+        _log.warning("request %s metadata: %s", request.options.request_id, note)
     timer.timings["total"] = time.monotonic() - request.started
     return EnhanceResult(
         data=encoded,
@@ -374,6 +457,28 @@ def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: Fac
         faces=faces,
         timings=timer.timings,
     )
+
+
+def _encode_output(request: PhotoRequest, canvas: npt.NDArray[Any]) -> tuple[bytes, tuple[str, ...]]:
+    """Threadpool: the upload's metadata made true of the output (or stripped), then the
+    encoder; with the notes on metadata left out, for the log."""
+    decoded, options, settings = request.decoded, request.options, request.config.encode
+    alpha = canvas[:, :, 3] if canvas.shape[2] == 4 else None
+    strip_metadata = settings.strip_metadata if options.strip_metadata is None else options.strip_metadata
+    strip_gps = settings.strip_gps if options.strip_gps is None else options.strip_gps
+    if strip_metadata:  # no profile either: the pixels are converted to sRGB, which viewers assume
+        metadata, profile, convert_from = OutputMetadata(), None, decoded.icc_profile
+    else:
+        width, height = request.output_size
+        metadata = output_metadata(decoded.metadata, width, height, request.output_format, strip_gps=strip_gps)
+        metadata = OutputMetadata(metadata.exif, metadata.xmp, decoded.metadata.notes + metadata.notes)
+        profile, convert_from = decoded.icc_profile, None
+    encoded = encode_image(
+        canvas[:, :, :3], alpha, request.output_format, options.quality, profile, decoded.bit_depth,
+        png_compress_level=settings.png_compress_level, exif=metadata.exif, xmp=metadata.xmp,
+        convert_to_srgb_from=convert_from,
+    )
+    return encoded, metadata.notes
 
 
 # -- the background branch ---------------------------------------------------------------
@@ -388,11 +493,13 @@ def upscale_background(request: PhotoRequest, model_name: str) -> npt.NDArray[An
         if alpha is not None and not _is_opaque(alpha):
             # alpha goes through the same model as a grey image, concurrently with the colour
             grey = np.repeat(to_8_bit(alpha)[:, :, None], 3, axis=2)
-            planes = [gevent.spawn(_upscale_plane, request, model, plane) for plane in (request.rgb8, grey)]
+            tally = _TileTally(request.progress, 2)
+            planes = [gevent.spawn(_upscale_plane, request, model, plane, tally.plane(index))
+                      for index, plane in enumerate((request.rgb8, grey))]
             join_branches(planes, request.deadline, "the background")
             colour, upscaled_alpha = planes[0].value, planes[1].value[:, :, 1]
         else:
-            colour, upscaled_alpha = _upscale_plane(request, model, request.rgb8), None
+            colour, upscaled_alpha = _upscale_plane(request, model, request.rgb8, request.progress.on_tiles), None
         if request.decoded.bit_depth == 8 and alpha is None:
             return colour
         return offload(_finish_background, request.decoded, request.rgb8, colour, upscaled_alpha)
@@ -402,9 +509,12 @@ def _is_opaque(alpha: npt.NDArray[Any]) -> bool:
     return bool(alpha.min() == np.iinfo(alpha.dtype).max)
 
 
-def _upscale_plane(request: PhotoRequest, model: RemoteModel, rgb8: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def _upscale_plane(
+    request: PhotoRequest, model: RemoteModel, rgb8: npt.NDArray[np.uint8], on_tiles: Callable[[int, int], None]
+) -> npt.NDArray[np.uint8]:
     return upscale_image(
-        model, rgb8, request.output_size, request.config.tiles, request.deadline, offload, request.options.request_id
+        model, rgb8, request.output_size, request.config.tiles, request.deadline, offload, request.options.request_id,
+        on_tiles,
     )
 
 
@@ -448,10 +558,17 @@ def enhance_faces(request: PhotoRequest, face_model_name: str) -> FacesOutcome:
     face_model = request.remotes[face_model_name]
     face_deadline = _face_deadline(request)
     gate = BoundedSemaphore(MAX_FACES_IN_FLIGHT)
+    total = len(detected.chosen)
+    finished = [0]
+    request.progress.on_faces(0, total)
 
     def gated(face: DetectedFace) -> FaceResult:
         with gate:
-            return enhance_face(request, face_model, face, detected.template, face_deadline)
+            try:
+                return enhance_face(request, face_model, face, detected.template, face_deadline)
+            finally:
+                finished[0] += 1
+                request.progress.on_faces(finished[0], total)
 
     with request.timer("faces"):
         jobs = [gevent.spawn(gated, face) for face in detected.chosen]

@@ -24,6 +24,9 @@ the margin — with the defaults (margin 8, prepadding 10) the tiles need no mar
 neighbours overlap by 16 pixels instead of 32. Where the photo ends, the gateway replicates
 its edge, as the server would have.
 
+Progress: ``on_tiles(done, total)`` hears the model calls, 0 of N once the tiles are planned
+and again after each tile is on the canvas (a photo that fits one call counts as one tile).
+
 Memory for a tiled photo: the output canvas (2 bytes per channel while stitching, released
 as the 1-byte result is written) plus the tiles in flight; the native-scale image is never
 held whole. Called from the pipeline's greenlets; the remote client is used only here on
@@ -53,12 +56,17 @@ from chaoqing.gateway.stages.tiling import (
     window_core,
 )
 
-__all__ = ["EDGE_PADDING_INPUT", "TileGeometry", "geometry_from_parameters", "tile_geometry_for", "upscale_image"]
+__all__ = ["EDGE_PADDING_INPUT", "TileCounter", "TileGeometry", "geometry_from_parameters", "tile_geometry_for", "upscale_image"]
 
 EDGE_PADDING_INPUT = "edge_padding"  # a model's optional input: pixels of edge it replicates around an image
 
 T = TypeVar("T")
 Offload = Callable[..., Any]
+TileCounter = Callable[[int, int], None]  # (tiles done, tiles in all)
+
+
+def _no_count(done: int, total: int) -> None:
+    pass
 
 
 def upscale_image(
@@ -69,8 +77,10 @@ def upscale_image(
     deadline: float,
     offload: Offload,
     request_id: str = "",
+    on_tiles: TileCounter = _no_count,
 ) -> npt.NDArray[np.uint8]:
-    """``rgb8`` [H, W, C] (C = 3) upscaled by ``model`` and resampled to ``output_size`` (w, h).
+    """``rgb8`` [H, W, C] (C = 3) upscaled by ``model`` and resampled to ``output_size`` (w, h);
+    ``on_tiles`` hears the tiles done (see the module notes).
 
     Returns a new uint8 array (writeable). Raises ModelServerError subclasses.
     """
@@ -79,8 +89,10 @@ def upscale_image(
     geometry = tile_geometry_for(model, tiles, deadline)
     tile_size = geometry.tile_size
     if tile_size <= 0 or (width <= tile_size and height <= tile_size):
+        on_tiles(0, 1)
         native = _infer_one(model, rgb8, deadline, request_id)
         _check_native(model, native, width, height)
+        on_tiles(1, 1)
         resized: npt.NDArray[np.uint8] = offload(resize_image, native, output_width, output_height)
         # the answer's buffer is this call's own (remote.py reads each body into a fresh
         # bytearray), so a writeable result is handed over as it is; a read-only one (JSON
@@ -88,7 +100,7 @@ def upscale_image(
         return resized if resized.flags.writeable else offload(np.array, resized)
     plan = plan_tiles(width, height, output_width, output_height, tile_size, geometry.overlap, geometry.margin)
     return _upscale_tiles(model, rgb8, plan, geometry.context, tiles.max_concurrent_tiles, deadline, offload,
-                          request_id)
+                          request_id, on_tiles)
 
 
 @dataclass(frozen=True)
@@ -168,8 +180,12 @@ def _upscale_tiles(
     deadline: float,
     offload: Offload,
     request_id: str,
+    on_tiles: TileCounter,
 ) -> npt.NDArray[np.uint8]:
     canvas = TileCanvas(plan)
+    total = len(plan.tiles)
+    done = [0]
+    on_tiles(0, total)
 
     def run_tile(index: int) -> None:
         tile = plan.tiles[index]
@@ -181,6 +197,8 @@ def _upscale_tiles(
         except ValueError as exc:
             raise BadModelResponse(f"upscaler {model.name}: {exc}", model=model.name) from None
         offload(canvas.add, tile, core)
+        done[0] += 1
+        on_tiles(done[0], total)
 
     gate = BoundedSemaphore(max(1, concurrency))
 
