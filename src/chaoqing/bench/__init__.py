@@ -11,6 +11,7 @@ import click
 from chaoqing.bench.fanout import fanout
 from chaoqing.bench.large import large, seams
 from chaoqing.bench.load import load
+from chaoqing.bench.local import local
 from chaoqing.bench.models import models
 from chaoqing.bench.overhead import overhead
 from chaoqing.bench.overload import overload
@@ -28,6 +29,7 @@ bench.add_command(fanout)
 bench.add_command(large)
 bench.add_command(seams)
 bench.add_command(load)
+bench.add_command(local)
 bench.add_command(models)
 bench.add_command(overhead)
 bench.add_command(overload)
