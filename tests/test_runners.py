@@ -128,9 +128,17 @@ def test_importing_the_registry_loads_no_model_runtime() -> None:
 def test_available_models_lists_real_models_and_simulators() -> None:
     assert available_models() == [
         PLUS_X4,
+        "realesrgan-x4plus-anime",
         COMPACT_X2,
         COMPACT_X3,
         COMPACT_X4,
+        "span-clearreality-x4",
+        "span-kendata-x4",
+        "span-x2-ch48",
+        "span-x2-ch52",
+        "span-x4-ch48",
+        "span-x4-ch52",
+        "span-hfa2k-x2",
         "face-detector",
         "sim-upscale-x2",
         "sim-upscale-x4",

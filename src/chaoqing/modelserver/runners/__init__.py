@@ -6,32 +6,38 @@
 
     runner = create_runner("realesr-animevideov3-x4", RunnerSettings(threads=2))
     upscaled = runner.run({"image": images})["image"]      # UINT8 [B,H,W,3] -> [B,4H,4W,3]
+    runner = create_runner("realesrgan-x4plus", RunnerSettings(runtime="torch", device="cuda:0"))
 
 Models:
 
-- ``realesrgan-x4plus``, ``realesr-animevideov3-x2`` / ``-x3`` / ``-x4``: Real-ESRGAN on ncnn
-  (:mod:`chaoqing.modelserver.runners.realesrgan`).
+- the bundled upscalers (:data:`~chaoqing.modelserver.runners.catalog.UPSCALERS`: Real-ESRGAN
+  and SPAN, with their licenses), served by
+  :class:`~chaoqing.modelserver.runners.upscaler.UpscalerRunner` on the runtime the settings
+  name: ncnn, OpenVINO, ONNX Runtime or PyTorch (:mod:`chaoqing.modelserver.runners.backends`).
 - ``face-detector``: dlib HOG + 5-point landmarks (:mod:`chaoqing.modelserver.runners.dlib_detector`).
 - ``sim-upscale-x2``, ``sim-upscale-x4``, ``sim-face``, ``sim-detector``: simulators for tests
   and benchmarks (:mod:`chaoqing.modelserver.runners.sim`); built only when named. Only they
   take model options (``latency_ms``, ``faces``, ``concurrency``: see
   :class:`~chaoqing.modelserver.runners.sim.SimSettings`).
 
-Importing this package is cheap: ncnn and dlib are imported when a runner that needs them is
-created. Every failure to build a runner is a :class:`RunnerError`.
+Importing this package is cheap: ncnn, dlib and the other runtimes are imported when a runner
+that needs them is created (or :func:`check_runtimes` asks for them). Every failure to build a
+runner is a :class:`RunnerError`.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners.backends import RUNTIMES, check_device, check_runtime
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
-from chaoqing.modelserver.runners.realesrgan import parse_device
+from chaoqing.modelserver.runners.catalog import UPSCALERS
 
 __all__ = [
+    "RUNTIMES",
     "ModelSpec",
     "Runner",
     "RunnerError",
@@ -39,7 +45,9 @@ __all__ = [
     "TensorSpec",
     "available_models",
     "check_model_options",
+    "check_runtimes",
     "create_runner",
+    "uses_runtime",
 ]
 
 SIMULATOR_PREFIX = "sim-"
@@ -49,9 +57,12 @@ SIMULATOR_PREFIX = "sim-"
 class RunnerSettings:
     """How runners are built; one value for every model a server hosts.
 
-    - ``threads``: ncnn threads per model instance; 0 means ``os.cpu_count()``.
-    - ``device``: ``"cpu"``, ``"vulkan"`` or ``"vulkan:N"`` for the ncnn models (the dlib
-      detector and the simulators always run on the CPU).
+    - ``threads``: compute threads per model instance; 0 means ``os.cpu_count()``.
+    - ``runtime``: what computes the upscalers: ``ncnn`` (the default), ``openvino``,
+      ``onnxruntime`` or ``torch`` (the dlib detector and the simulators ignore it).
+    - ``device``: ``"cpu"``, or a device the runtime drives: ``vulkan:N`` (ncnn), ``cuda:N``
+      (onnxruntime, torch), ``tensorrt:N`` (onnxruntime's TensorRT provider); the detector and
+      the simulators always run on the CPU.
     - ``tile_size``: Real-ESRGAN tile side in input pixels; 0 means the model's default
       (128 for x4plus, 256 for the compact models), which bounds memory per instance.
     - ``max_batch_size``: published batch limit of the image models.
@@ -61,10 +72,13 @@ class RunnerSettings:
     - ``model_options``: ``KEY=VALUE`` settings of runners that take their own (the
       simulators); a model that takes none refuses any (see :func:`check_model_options`).
 
-    Raises RunnerError when a value is out of range or ``device`` is malformed.
+    Raises RunnerError when a value is out of range, ``runtime`` is unknown, or ``device`` is
+    malformed or not one the runtime drives (cheap: nothing is imported; :func:`check_runtimes`
+    checks that they are installed and present).
     """
 
     threads: int = 0
+    runtime: str = "ncnn"
     device: str = "cpu"
     tile_size: int = 0
     max_batch_size: int = 8
@@ -83,15 +97,22 @@ class RunnerSettings:
             raise RunnerError(
                 f"detector_upsample must be -1 (automatic) or 0 to 3, got {self.detector_upsample}"
             )
-        parse_device(self.device)
+        check_device(self.runtime, self.device)
 
 
-def _create_realesrgan(name: str, settings: RunnerSettings) -> Runner:
-    from chaoqing.modelserver.runners.realesrgan import RealesrganRunner
+def _create_upscaler(name: str, settings: RunnerSettings) -> Runner:
+    from chaoqing.modelserver.runners.backends import create_backend
+    from chaoqing.modelserver.runners.upscaler import EDGE_PADDING_PX, UpscalerRunner, one_pass_size
 
-    return RealesrganRunner(
-        name,
-        threads=settings.threads,
+    model = UPSCALERS[name]
+    # the longest side the runner feeds the network: one pass with its edge padding
+    max_side = one_pass_size(settings.tile_size or model.default_tile_size, model.tile_context) + 2 * EDGE_PADDING_PX
+    backend = create_backend(model, settings.runtime, settings.device, threads=settings.threads,
+                             max_items=settings.max_batch_size, max_side=max_side)
+    return UpscalerRunner(
+        model,
+        backend,
+        runtime=settings.runtime,
         device=settings.device,
         tile_size=settings.tile_size,
         max_batch_size=settings.max_batch_size,
@@ -138,10 +159,7 @@ def _create_sim_detector(name: str, settings: RunnerSettings) -> Runner:
 
 _FACTORIES: Mapping[str, Callable[[str, RunnerSettings], Runner]] = types.MappingProxyType(
     {
-        "realesrgan-x4plus": _create_realesrgan,
-        "realesr-animevideov3-x2": _create_realesrgan,
-        "realesr-animevideov3-x3": _create_realesrgan,
-        "realesr-animevideov3-x4": _create_realesrgan,
+        **{name: _create_upscaler for name in UPSCALERS},
         "face-detector": _create_face_detector,
         "sim-upscale-x2": _create_sim_upscaler,
         "sim-upscale-x4": _create_sim_upscaler,
@@ -171,6 +189,23 @@ def check_model_options(name: str, options: Mapping[str, str]) -> None:
     from chaoqing.modelserver.runners.sim import SimSettings
 
     SimSettings.from_options(options)
+
+
+def uses_runtime(name: str) -> bool:
+    """Whether model ``name`` is computed by the settings' runtime (the bundled upscalers are;
+    the detector and the simulators are not)."""
+    return name in UPSCALERS
+
+
+def check_runtimes(names: Iterable[str], settings: RunnerSettings) -> None:
+    """Before any model loads: check that the runtime and device the models ``names`` need
+    are installed and present (nothing when none of them uses a runtime).
+
+    Raises RunnerError in one line that says what is missing and what to install, e.g.
+    ``runtime openvino is not installed: pip install 'chaoqing[openvino]'``.
+    """
+    if any(uses_runtime(name) for name in names):
+        check_runtime(settings.runtime, settings.device)
 
 
 def create_runner(name: str, settings: RunnerSettings) -> Runner:
