@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from chaoqing.bench.encode import encode
 from chaoqing.bench.fanout import fanout
 from chaoqing.bench.large import large, seams
 from chaoqing.bench.load import load
@@ -25,6 +26,7 @@ def bench() -> None:
     """Measure chaoqing: latency, overhead, capacity, models (loopback only)."""
 
 
+bench.add_command(encode)
 bench.add_command(fanout)
 bench.add_command(large)
 bench.add_command(seams)
