@@ -70,7 +70,7 @@ class OpenApiChecker:
             resolver_schema = {**schema, "components": self.document["components"]}
             jsonschema.validate(response.json(), resolver_schema)
         for header, spec in declared.get("headers", {}).items():
-            if header in ("Retry-After", "X-Request-Id", "Server-Timing", "X-Faces-Detected", "X-Faces-Enhanced"):
+            if header in ("Retry-After", "X-Request-Id", "Server-Timing", "X-Face-Detection"):
                 assert header in response.headers, f"{header} missing from a {response.status_code}"
                 del spec
 
@@ -133,7 +133,7 @@ def test_fast_preset_and_faces_false_skip_the_face_branch(gateway: SimGateway) -
     for query in ("?preset=fast", "?faces=false"):
         response = _post(gateway, _encode(_smooth_photo()), query)
         assert response.status_code == 200
-        assert response.headers["X-Faces-Detected"] == "0" and response.headers["X-Faces-Enhanced"] == "0"
+        assert response.headers["X-Face-Detection"] == "skipped" and "X-Faces-Detected" not in response.headers
         assert "detect;" not in response.headers["Server-Timing"]
     after = gateway.metrics.sample("chaoqing_remote_calls_total", {"model": "sim-detector", "endpoint": gateway.config.endpoints["sim-detector"][0], "outcome": "ok"})
     assert after == before

@@ -60,6 +60,8 @@ class BatchJob:
     api_key: str | None = None
     concurrency: int = 2
     overwrite: bool = False
+    strip_metadata: bool | None = None  # None: the config's [encode] default (the server's, with server)
+    strip_gps: bool | None = None
 
 
 @dataclass
@@ -67,7 +69,7 @@ class PhotoOutcome:
     photo: PlannedPhoto
     status: str  # done | skipped | failed
     seconds: float = 0.0
-    faces_detected: int = 0
+    faces_detected: int | None = 0  # None: detection skipped (faces off, or a preset without a face model)
     faces_enhanced: int = 0
     megapixels_in: float = 0.0
     megapixels_out: float = 0.0
@@ -94,9 +96,14 @@ class BatchSummary:
 
 
 def _target_suffix(source: Path, output_format: str | None) -> str:
+    """The default is stages.encode.choose_output_format's: JPEG → jpeg, WebP → webp, else png
+    (a file whose bytes say otherwise gets its suffix corrected when it is written)."""
     if output_format:
         return SUFFIX_FOR_FORMAT[output_format]
-    return ".jpg" if source.suffix.lower() in (".jpg", ".jpeg") else ".png"
+    suffix = source.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return ".jpg"
+    return ".webp" if suffix == ".webp" else ".png"
 
 
 def _images_in(folder: Path, recursive: bool) -> Iterator[Path]:
@@ -200,13 +207,15 @@ class _LocalRunner:
         self.services = PipelineServices(job.config, self.remotes)
         self.job = job
 
-    def enhance(self, data: bytes) -> tuple[bytes, str, int, int, int, int]:
+    def enhance(self, data: bytes) -> tuple[bytes, str, int | None, int, int, int]:
         from chaoqing.gateway.pipeline import EnhanceOptions, enhance_photo
 
         job = self.job
-        options = EnhanceOptions(job.scale, job.faces, job.preset, job.output_format, job.quality)
+        options = EnhanceOptions(job.scale, job.faces, job.preset, job.output_format, job.quality,
+                                 strip_metadata=job.strip_metadata, strip_gps=job.strip_gps)
         result = enhance_photo(data, None, options, self.services)
-        return result.data, result.output_format, result.faces_detected, result.faces_enhanced, result.width, result.height
+        detected = None if result.face_detection_skipped else result.faces_detected
+        return result.data, result.output_format, detected, result.faces_enhanced, result.width, result.height
 
     def close(self) -> None:
         self.remotes.close()
@@ -228,13 +237,16 @@ class _ServerRunner:
                                  connection_timeout=10, network_timeout=SERVER_TIMEOUT_S)
         self.job = job
 
-    def enhance(self, data: bytes) -> tuple[bytes, str, int, int, int, int]:
+    def enhance(self, data: bytes) -> tuple[bytes, str, int | None, int, int, int]:
         job = self.job
         query: dict[str, Any] = {"scale": job.scale, "preset": job.preset, "faces": str(job.faces).lower()}
         if job.output_format:
             query["format"] = job.output_format
         if job.quality:
             query["quality"] = job.quality
+        for name, value in (("strip_metadata", job.strip_metadata), ("strip_gps", job.strip_gps)):
+            if value is not None:
+                query[name] = str(value).lower()
         headers = {"Content-Type": "application/octet-stream"}
         if job.api_key:
             headers["Authorization"] = f"Bearer {job.api_key}"
@@ -250,8 +262,10 @@ class _ServerRunner:
         media_type = _header(response, "content-type") or "image/png"
         output_format = {"image/jpeg": "jpeg", "image/webp": "webp"}.get(media_type, "png")
         width, _, height = (_header(response, "x-output-size") or "0x0").partition("x")
-        return (body, output_format, int(_header(response, "x-faces-detected") or 0),
-                int(_header(response, "x-faces-enhanced") or 0), int(width or 0), int(height or 0))
+        skipped = _header(response, "x-face-detection") == "skipped"
+        detected = None if skipped else int(_header(response, "x-faces-detected") or 0)
+        return (body, output_format, detected, int(_header(response, "x-faces-enhanced") or 0),
+                int(width or 0), int(height or 0))
 
     def close(self) -> None:
         self.client.close()
@@ -361,15 +375,20 @@ def print_summary(summary: BatchSummary, stream: IO[str]) -> None:
         stream.write(f"\n{'photo':<{width}}  {'status':<7}  {'faces':>7}  {'MP out':>7}  {'time':>7}  note\n")
         for outcome in rows:
             label = outcome.photo.label if len(outcome.photo.label) <= width else "…" + outcome.photo.label[-width + 1:]
-            faces = f"{outcome.faces_enhanced}/{outcome.faces_detected}" if outcome.status == "done" else "-"
+            faces = "-" if outcome.status != "done" else (
+                "skipped" if outcome.faces_detected is None else f"{outcome.faces_enhanced}/{outcome.faces_detected}")
             note = outcome.error if outcome.status != "done" else _display_path(outcome.written)
             megapixels_out = format_megapixels(outcome.megapixels_out)
             stream.write(f"{label:<{width}}  {outcome.status:<7}  {faces:>7}  {megapixels_out:>7}  "
                          f"{outcome.seconds:>6.1f}s  {note}\n")
-    faces_enhanced = sum(outcome.faces_enhanced for outcome in summary.outcomes)
-    faces_detected = sum(outcome.faces_detected for outcome in summary.outcomes)
+    looked = [outcome for outcome in summary.outcomes if outcome.status == "done" and outcome.faces_detected is not None]
+    faces_enhanced = sum(outcome.faces_enhanced for outcome in looked)
+    faces_detected = sum(outcome.faces_detected or 0 for outcome in looked)
+    done = [outcome for outcome in summary.outcomes if outcome.status == "done"]
+    faces = (f"faces {faces_enhanced}/{faces_detected} enhanced" if looked or not done
+             else "faces not looked for (detection skipped)")
     stream.write(
         f"\n{len(summary.outcomes)} photo(s): {summary.done} done, {summary.skipped} skipped, {summary.failed} failed; "
-        f"faces {faces_enhanced}/{faces_detected} enhanced; {summary.seconds:.1f} s\n"
+        f"{faces}; {summary.seconds:.1f} s\n"
     )
     stream.flush()

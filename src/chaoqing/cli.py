@@ -230,8 +230,13 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
                    "preset the config defines ([presets.NAME]; with --server, the server's).  [default: balanced]")
 @click.option("--no-faces", is_flag=True, help="Do not enhance faces.")
 @click.option("--format", "output_format", default=None, type=click.Choice(["png", "jpeg", "webp"]),
-              help="Output format (default: jpeg for JPEG input, else png).")
+              help="Output format (default: jpeg for JPEG input, webp for WebP, else png).")
 @click.option("--quality", default=None, type=click.IntRange(1, 100), help="JPEG/WebP quality.")
+@click.option("--strip-metadata/--keep-metadata", "strip_metadata", default=None,
+              help="Write no EXIF, XMP or ICC profile (colours converted to sRGB), or keep them, EXIF and XMP made "
+                   "true of the output.  [default: keep; the config's [encode] strip_metadata]")
+@click.option("--strip-gps/--keep-gps", "strip_gps", default=None,
+              help="Keep EXIF and XMP but without their GPS positions.  [default: keep; [encode] strip_gps]")
 @click.option("--server", default=None, metavar="URL", help="Use a running gateway instead of local model servers.")
 @click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server (or CHAOQING_API_KEY).")
 @click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Photos processed at once.")
@@ -241,8 +246,9 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]),
               help="How much to log (stderr).")
 def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
-            output_format: str | None, quality: int | None, server: str | None, api_key: str | None, jobs: int,
-            recursive: bool, overwrite: bool, config_path: str | None, log_level: str) -> None:
+            output_format: str | None, quality: int | None, strip_metadata: bool | None, strip_gps: bool | None,
+            server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
+            config_path: str | None, log_level: str) -> None:
     """Enhance photos: files or folders of them.
 
     \b
@@ -273,6 +279,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     job = BatchJob(
         config=config, preset=preset or config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
         quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
+        strip_metadata=strip_metadata, strip_gps=strip_gps,
     )
     summary = run_batch(planned, job)
     sys.exit(0 if summary.failed == 0 else 1)

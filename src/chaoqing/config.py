@@ -37,6 +37,7 @@ from chaoqing.errors import ConfigError
 __all__ = [
     "PRESETS",
     "Config",
+    "EncodeSettings",
     "JobSettings",
     "Limits",
     "ModelServerSettings",
@@ -59,6 +60,9 @@ class Limits:
     max_input_pixels: int = 16_000_000
     max_output_pixels: int = 64_000_000
     max_faces: int = 64  # faces enhanced per photo, the largest first; the rest keep the background
+    # an upload's EXIF block or XMP packet larger than this is not carried (logged); cameras
+    # write 10-70 kB (JPEG caps each at 64 kB), so 1 MiB is generous and bounds a hostile PNG's
+    max_metadata_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,23 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
         "quality": Preset("quality", PLUS_X4, PLUS_X4, "Real-ESRGAN x4plus everywhere"),
     }
 )
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How the output is written (``[encode]``); ``strip_metadata`` and ``strip_gps`` are the
+    defaults of the request parameters of those names."""
+
+    # zlib level of PNG output, 0 (stored) to 9. 2: 14 % more bytes than zlib's default 6 in
+    # 14-23 % of its time, 52-65 % of 4's (which writes 6's bytes); measured on ×4 upscales,
+    # `chaoqing bench encode` (docs/benchmarks.md, stages/encode.py)
+    png_compress_level: int = 2
+    strip_metadata: bool = False  # write no EXIF, XMP or ICC (colours converted to sRGB first)
+    strip_gps: bool = False  # write EXIF and XMP without their GPS positions
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.png_compress_level <= 9:
+            raise ConfigError(f"encode.png_compress_level: {self.png_compress_level} is outside 0-9")
 
 
 @dataclass(frozen=True)
@@ -209,6 +230,7 @@ class Config:
     log_format: str = "auto"  # auto | json | text
     limits: Limits = field(default_factory=Limits)
     tiles: TileSettings = field(default_factory=TileSettings)
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     model_server: ModelServerSettings = field(default_factory=ModelServerSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
@@ -262,6 +284,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "limits": Limits,
     "tiles": TileSettings,
+    "encode": EncodeSettings,
     "remote": RemoteSettings,
     "model_server": ModelServerSettings,
     "jobs": JobSettings,

@@ -344,6 +344,9 @@ class EnhanceResource:
                 output_format=_parse_choice(request.get_param("format"), "format", OUTPUT_FORMATS),
                 quality=_parse_quality(request.get_param("quality")),
                 request_id=request_id,
+                strip_metadata=_parse_bool(request.get_param("strip_metadata"), "strip_metadata",
+                                           gateway.config.encode.strip_metadata),
+                strip_gps=_parse_bool(request.get_param("strip_gps"), "strip_gps", gateway.config.encode.strip_gps),
             )
             gateway.admit()
             try:
@@ -378,13 +381,17 @@ class EnhanceResource:
         response.content_type = result.media_type
         response.data = result.data
         response.set_header("Server-Timing", _server_timing(result.timings))
-        response.set_header("X-Faces-Detected", str(result.faces_detected))
-        response.set_header("X-Faces-Enhanced", str(result.faces_enhanced))
-        response.set_header("X-Faces-Over-Limit", str(result.faces_over_limit))
+        # faces off, or a preset without a face model: say so, rather than claim 0 faces were found
+        response.set_header("X-Face-Detection", "skipped" if result.face_detection_skipped else "done")
+        if not result.face_detection_skipped:
+            response.set_header("X-Faces-Detected", str(result.faces_detected))
+            response.set_header("X-Faces-Enhanced", str(result.faces_enhanced))
+            response.set_header("X-Faces-Over-Limit", str(result.faces_over_limit))
         response.set_header("X-Output-Size", f"{result.width}x{result.height}")
         response.set_header(
             "Access-Control-Expose-Headers",
-            "Server-Timing, X-Faces-Detected, X-Faces-Enhanced, X-Faces-Over-Limit, X-Request-Id, X-Output-Size",
+            "Server-Timing, X-Face-Detection, X-Faces-Detected, X-Faces-Enhanced, X-Faces-Over-Limit, X-Request-Id, "
+            "X-Output-Size",
         )
         response.set_header("Timing-Allow-Origin", "*")
 

@@ -88,6 +88,7 @@ from chaoqing.gateway.stages.enhance_faces import (
     face_size_in_image,
 )
 from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
+from chaoqing.gateway.stages.metadata import OutputMetadata, output_metadata
 from chaoqing.gateway.stages.resize import restore_bit_depth
 from chaoqing.gateway.stages.upscale import upscale_image
 
@@ -136,6 +137,8 @@ class EnhanceOptions:
     output_format: str | None = None
     quality: int | None = None
     request_id: str = ""
+    strip_metadata: bool | None = None  # write no EXIF, XMP, ICC; None: config.encode's default
+    strip_gps: bool | None = None  # write EXIF and XMP without GPS; None: config.encode's default
 
 
 class FaceStatus(enum.Enum):
@@ -163,6 +166,7 @@ class FacesOutcome:
     """Every detected face's result, in detection order."""
 
     results: tuple[FaceResult, ...] = ()
+    detection_skipped: bool = False  # faces off, or a preset without a face model: nothing was looked for
 
     @property
     def detected(self) -> int:
@@ -182,7 +186,7 @@ class FacesOutcome:
         return tuple(result.reason for result in self.results if result.status in unfinished)
 
 
-NO_FACES = FacesOutcome()
+NO_FACES = FacesOutcome(detection_skipped=True)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,10 @@ class EnhanceResult:
     height: int
     faces: FacesOutcome
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def face_detection_skipped(self) -> bool:
+        return self.faces.detection_skipped
 
     @property
     def faces_detected(self) -> int:
@@ -436,12 +444,9 @@ def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: Fac
         canvas = offload(_composite, background, faces.pastes) if faces.pastes else background
     request.progress.on_stage(ProgressStage.ENCODE)
     with timer("encode"):
-        alpha = canvas[:, :, 3] if canvas.shape[2] == 4 else None
-        decoded = request.decoded
-        encoded = offload(
-            encode_image, canvas[:, :, :3], alpha, request.output_format, request.options.quality,
-            decoded.icc_profile, decoded.bit_depth,
-        )
+        encoded, metadata_notes = offload(_encode_output, request, canvas)
+    for note in metadata_notes:
+        _log.warning("request %s metadata: %s", request.options.request_id, note)
     timer.timings["total"] = time.monotonic() - request.started
     return EnhanceResult(
         data=encoded,
@@ -452,6 +457,28 @@ def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: Fac
         faces=faces,
         timings=timer.timings,
     )
+
+
+def _encode_output(request: PhotoRequest, canvas: npt.NDArray[Any]) -> tuple[bytes, tuple[str, ...]]:
+    """Threadpool: the upload's metadata made true of the output (or stripped), then the
+    encoder; with the notes on metadata left out, for the log."""
+    decoded, options, settings = request.decoded, request.options, request.config.encode
+    alpha = canvas[:, :, 3] if canvas.shape[2] == 4 else None
+    strip_metadata = settings.strip_metadata if options.strip_metadata is None else options.strip_metadata
+    strip_gps = settings.strip_gps if options.strip_gps is None else options.strip_gps
+    if strip_metadata:  # no profile either: the pixels are converted to sRGB, which viewers assume
+        metadata, profile, convert_from = OutputMetadata(), None, decoded.icc_profile
+    else:
+        width, height = request.output_size
+        metadata = output_metadata(decoded.metadata, width, height, request.output_format, strip_gps=strip_gps)
+        metadata = OutputMetadata(metadata.exif, metadata.xmp, decoded.metadata.notes + metadata.notes)
+        profile, convert_from = decoded.icc_profile, None
+    encoded = encode_image(
+        canvas[:, :, :3], alpha, request.output_format, options.quality, profile, decoded.bit_depth,
+        png_compress_level=settings.png_compress_level, exif=metadata.exif, xmp=metadata.xmp,
+        convert_to_srgb_from=convert_from,
+    )
+    return encoded, metadata.notes
 
 
 # -- the background branch ---------------------------------------------------------------

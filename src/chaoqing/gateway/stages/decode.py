@@ -19,8 +19,12 @@ Decisions worth knowing:
 
 - **Orientation.** The EXIF orientation tag (all 8 values, ``ImageOps.exif_transpose``
   semantics) is applied, so arrays are upright; ``DecodedImage.exif_orientation_applied``
-  says which value was undone. EXIF itself is not carried to the output (it may hold GPS
-  positions, and its orientation no longer applies).
+  says which value was undone.
+- **EXIF and XMP** are read into ``DecodedImage.metadata`` by
+  :func:`chaoqing.gateway.stages.metadata.read_metadata` (bounded by
+  ``limits.max_metadata_bytes``; a block that is too large or does not parse is left out with
+  a note, never an error); the pipeline makes them true of the output (orientation 1, its
+  size) and the encode stage writes them.
 - **Alpha.** RGBA, LA, PA, P/L/RGB with a ``tRNS`` transparency, and 16-bit alpha are kept
   as ``alpha``; an opaque alpha channel is kept as it is, not dropped.
 - **Grayscale, 1-bit, palette, YCbCr** become RGB.
@@ -55,6 +59,7 @@ from PIL import Image, ImageCms, UnidentifiedImageError
 
 from chaoqing.config import Limits
 from chaoqing.errors import ImageTooLarge, InvalidImage, InvalidParameter, UnsupportedMediaType
+from chaoqing.gateway.stages.metadata import NO_METADATA, PhotoMetadata, read_metadata
 
 __all__ = [
     "ACCEPTED_MEDIA_TYPES",
@@ -176,6 +181,8 @@ class DecodedImage:
         "I;16"; "RGB;16", "RGBA;16", "LA;16" for the 16-bit files read with OpenCV).
     icc_profile: the embedded RGB ICC profile to carry to the output, or None.
     exif_orientation_applied: the EXIF orientation (1–8) that was undone; 1 = none.
+    metadata: the upload's EXIF and XMP (still with its orientation), and notes on what was
+        left out.
     """
 
     rgb: PixelArray
@@ -185,6 +192,7 @@ class DecodedImage:
     source_mode: str
     icc_profile: bytes | None
     exif_orientation_applied: int
+    metadata: PhotoMetadata = NO_METADATA
 
     @property
     def width(self) -> int:
@@ -356,7 +364,7 @@ def decode_image(data: bytes, limits: Limits) -> DecodedImage:
         source_format = image.format or ""
         if _needs_sixteen_bit_decoder(image, data):
             try:
-                return _decode_sixteen_bit_colour(image, data, source_format)
+                return _decode_sixteen_bit_colour(image, data, source_format, limits)
             except InvalidImage:
                 if source_format != "TIFF":
                     raise
@@ -365,6 +373,7 @@ def decode_image(data: bytes, limits: Limits) -> DecodedImage:
             image.load()
             orientation = _read_orientation(image, pixels_loaded=True)
             rgb, alpha, icc_profile = _pixels_from_pillow(image)
+            metadata = read_metadata(image, limits.max_metadata_bytes)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLarge("the image's dimensions are too large to decode") from exc
         except MemoryError:
@@ -373,7 +382,7 @@ def decode_image(data: bytes, limits: Limits) -> DecodedImage:
             raise InvalidImage(
                 f"the {source_format} image is truncated, corrupt or in an unsupported pixel format"
             ) from exc
-        return _finish(rgb, alpha, orientation, source_format, image.mode, icc_profile)
+        return _finish(rgb, alpha, orientation, source_format, image.mode, icc_profile, metadata)
 
 
 def _finish(
@@ -383,6 +392,7 @@ def _finish(
     source_format: str,
     source_mode: str,
     icc_profile: bytes | None,
+    metadata: PhotoMetadata,
 ) -> DecodedImage:
     upright_rgb = _owned_contiguous(_orient(rgb, orientation))
     upright_alpha = None if alpha is None else _owned_contiguous(_orient(alpha, orientation))
@@ -394,6 +404,7 @@ def _finish(
         source_mode=source_mode,
         icc_profile=icc_profile,
         exif_orientation_applied=orientation,
+        metadata=metadata,
     )
 
 
@@ -515,7 +526,7 @@ def _needs_sixteen_bit_decoder(image: Image.Image, data: bytes) -> bool:
     return False
 
 
-def _decode_sixteen_bit_colour(image: Image.Image, data: bytes, source_format: str) -> DecodedImage:
+def _decode_sixteen_bit_colour(image: Image.Image, data: bytes, source_format: str, limits: Limits) -> DecodedImage:
     """Decode a 16-bit RGB(A)/gray+alpha PNG or RGB TIFF with OpenCV, keeping 16 bits.
 
     The header (size, limits, ICC, orientation) was read by Pillow; OpenCV only decodes.
@@ -555,7 +566,9 @@ def _decode_sixteen_bit_colour(image: Image.Image, data: bytes, source_format: s
     icc_profile = _rgb_icc_profile(image.info.get("icc_profile"))
     if source_mode == "LA;16":
         icc_profile = None
-    return _finish(rgb, alpha, orientation, source_format, source_mode, icc_profile)
+    # Pillow has read the chunks before the pixels (a PNG's eXIf after IDAT is not seen)
+    metadata = read_metadata(image, limits.max_metadata_bytes)
+    return _finish(rgb, alpha, orientation, source_format, source_mode, icc_profile, metadata)
 
 
 def _check_png_chunk_lengths(data: bytes, source_format: str) -> None:

@@ -27,14 +27,29 @@ the same photo with σ=4 noise):
   0.1–0.5 dB worse at the same size); quality 100 means lossless (effort 25: 1.2 s / 2.0 MB,
   against 0.3 s / 2.6 MB at effort 0 and 1.7 s / 2.0 MB at 50). WebP cannot exceed 16383
   pixels on a side and JPEG 65500; :func:`check_encodable` says so before the work is done.
-- **PNG compress level 4** — measured (8-bit, Pillow): level 1 0.32 s / 3.34 MB (noisy 0.54 s
-  / 6.22 MB), level 3 0.47 s / 3.13 MB (0.73 s / 6.19 MB), level 4 0.56 s / 2.93 MB (0.91 s /
-  5.53 MB), level 6 1.37 s / 2.85 MB (1.58 s / 5.53 MB), level 9 8.5 s / 2.74 MB. zlib's
-  levels 1–3 skip lazy matching; level 4 is the first with it and buys 6–11 % for ~20 % more
-  time, while 6+ cost 2.5× for little. 16-bit (OpenCV): level 1 0.46 s / 4.25 MB, 3 0.65 s /
-  3.90 MB, 4 0.63 s / 3.65 MB.
+- **PNG compress level 2** (``[encode] png_compress_level``), measured with ``chaoqing bench
+  encode`` on three ×4 upscales by the compact model (15.6 MP in all; docs/benchmarks.md),
+  Pillow 13 (which links zlib-ng 2.3): level 2 takes 0.14 s per output MP and writes 114 % of
+  level 6's bytes; level 1 is as fast within noise (4–16 % less time) and 3 % larger; level 4,
+  the old default, writes 99 % of level 6's bytes in 0.22–0.26 s per MP (1.6–1.9× level 2's
+  time); level 6, zlib's default, 0.63–0.94 s per MP; 9 and ``optimize`` 2–3.5× that for 2–3 %
+  fewer bytes; level 0 (stored) 286 %. Level 2 is zlib-ng's fastest strategy with dynamic
+  Huffman trees (level 1 uses fixed ones). Against level 4 it saves ~0.1 s per output MP
+  and costs ~0.15 MB per MP: it wins whenever the client's link is faster than ~12 Mbit/s.
+  16-bit PNG takes the same level through OpenCV (libpng, zlib 1.2): on the same images (8-bit)
+  its level 2 took 0.13–0.14 s per MP at 113 %, level 4 0.14–0.19 s at 108 %. fpng (PyPI ``fpng``) is 10–16× faster at 124 %,
+  but it writes 8-bit only, is an alpha release, and is not a dependency.
 - **ICC profiles** are written when given (PNG iCCP, JPEG APP2, WebP ICCP), 16-bit PNG too
-  (the iCCP chunk is added to OpenCV's output). EXIF is never written.
+  (the iCCP chunk is added to OpenCV's output).
+- **EXIF and XMP** are written when given, as prepared by
+  :func:`chaoqing.gateway.stages.metadata.output_metadata`: JPEG APP1 segments, PNG eXIf and
+  iTXt ``XML:com.adobe.xmp`` chunks before the pixels (added to OpenCV's 16-bit output too),
+  WebP EXIF and XMP chunks.
+- **Stripping a profile** (``convert_to_srgb_from``): an image whose metadata is stripped loses
+  its ICC profile, and a viewer then takes its pixels as sRGB. So that it still looks the
+  same, 8-bit pixels are first converted from that profile to sRGB (LittleCMS, relative
+  colorimetric). 16-bit pixels keep their values (Pillow's LittleCMS bindings have no 16-bit
+  RGB mode), and so does a profile LittleCMS cannot open.
 """
 
 from __future__ import annotations
@@ -49,7 +64,8 @@ from typing import IO, Final
 import cv2
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, ImageCms
+from PIL.PngImagePlugin import PngInfo
 
 from chaoqing.errors import InvalidParameter
 from chaoqing.gateway.stages.decode import DecodedImage, PixelArray, row_blocks, to_8_bit
@@ -101,13 +117,15 @@ WEBP_MAX_DIMENSION: Final = 16383  # libwebp encode.h WEBP_MAX_DIMENSION
 WEBP_METHOD: Final = 4  # libwebp's default speed/size trade-off (0 fast … 6 slow)
 WEBP_LOSSLESS_EFFORT: Final = 25  # Pillow passes `quality` as the lossless effort (0–100)
 WEBP_LOSSLESS_QUALITY: Final = 100  # the quality that asks for lossless WebP
-PNG_COMPRESS_LEVEL: Final = 4  # measured: see the module docstring
+PNG_COMPRESS_LEVEL: Final = 2  # measured: see the module docstring (EncodeSettings' default)
 PNG_MIN_COMPRESS_LEVEL: Final = 0  # zlib: 0 = stored … 9 = smallest
 PNG_MAX_COMPRESS_LEVEL: Final = 9
 WHITE_8_BIT: Final = 255
 SIXTEEN_BIT_PER_EIGHT_BIT: Final = 257  # 255 × 257 = 65535
 PNG_IHDR_END: Final = 33  # signature 8 + length 4 + "IHDR" 4 + data 13 + CRC 4
 PNG_ICC_PROFILE_NAME: Final = b"ICC Profile"  # the name Pillow writes
+PNG_XMP_KEYWORD: Final = "XML:com.adobe.xmp"  # XMP part 3 §1.1.5: an uncompressed iTXt chunk
+EXIF_HEADER: Final = b"Exif\x00\x00"  # PNG's eXIf chunk holds the TIFF block without it
 
 
 def normalise_output_format(requested: str | None) -> str | None:
@@ -196,13 +214,18 @@ def encode_image(
     bit_depth: int | None = None,
     *,
     png_compress_level: int = PNG_COMPRESS_LEVEL,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
+    convert_to_srgb_from: bytes | None = None,
 ) -> bytes:
     """Encode ``rgb`` [H, W, 3] (+ ``alpha`` [H, W]) as ``fmt`` ("png", "jpeg", "webp").
 
     ``quality`` (1–100) applies to jpeg (default 92) and webp (default 90; 100 = lossless)
     and is ignored by png. ``bit_depth`` is the output depth for png (None: that of ``rgb``);
-    jpeg and webp are always 8-bit. ``icc_profile`` is embedded when given. rgb and alpha
-    may have different dtypes; each is converted to the output depth.
+    jpeg and webp are always 8-bit. ``icc_profile``, ``exif`` (``b"Exif\0\0"`` + TIFF block)
+    and ``xmp`` are embedded when given. ``convert_to_srgb_from``: the profile the pixels are
+    in, to convert 8-bit output to sRGB before it is written without one. rgb and alpha may
+    have different dtypes; each is converted to the output depth.
 
     Raises InvalidParameter (unknown format, quality out of range, bit depth not 8/16,
     image too large for the format) and ValueError (arrays of the wrong shape or dtype).
@@ -217,6 +240,9 @@ def encode_image(
         icc_profile,
         bit_depth,
         png_compress_level=png_compress_level,
+        exif=exif,
+        xmp=xmp,
+        convert_to_srgb_from=convert_to_srgb_from,
     )
     return buffer.getvalue()
 
@@ -231,6 +257,9 @@ def encode_image_to(
     bit_depth: int | None = None,
     *,
     png_compress_level: int = PNG_COMPRESS_LEVEL,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
+    convert_to_srgb_from: bytes | None = None,
 ) -> None:
     """Like :func:`encode_image`, writing to ``stream`` (a file, io.BytesIO, a socket's
     makefile("wb")) as the encoder produces bytes; raises the same errors."""
@@ -246,17 +275,24 @@ def encode_image_to(
     height, width = int(rgb.shape[0]), int(rgb.shape[1])
     check_encodable(fmt_name, width, height)
     profile = icc_profile or None
+    metadata: dict[str, bytes] = {}
+    if exif:
+        metadata["exif"] = exif
+    if xmp and fmt_name != "png":
+        metadata["xmp"] = xmp
 
     if fmt_name == "png":
         output_depth = bit_depth or (16 if rgb.dtype == np.uint16 else 8)
         if output_depth == 16:
-            stream.write(_encode_png_16_bit(rgb, alpha, profile, png_compress_level))
+            stream.write(_encode_png_16_bit(rgb, alpha, profile, png_compress_level, exif, xmp))
             return
-        image = _pillow_image(to_8_bit(rgb), None if alpha is None else to_8_bit(alpha))
-        image.save(stream, "PNG", compress_level=png_compress_level, icc_profile=profile)
+        rgb8 = _to_srgb(to_8_bit(rgb), convert_to_srgb_from)
+        image = _pillow_image(rgb8, None if alpha is None else to_8_bit(alpha))
+        image.save(stream, "PNG", compress_level=png_compress_level, icc_profile=profile,
+                   pnginfo=_png_xmp(xmp), **metadata)
         return
 
-    rgb8 = to_8_bit(rgb)
+    rgb8 = _to_srgb(to_8_bit(rgb), convert_to_srgb_from)
     alpha8 = None if alpha is None else to_8_bit(alpha)
     if fmt_name == "jpeg":
         if alpha8 is not None:
@@ -268,7 +304,7 @@ def encode_image_to(
             else JPEG_SUBSAMPLING_420
         )
         _pillow_image(rgb8, None).save(
-            stream, "JPEG", quality=jpeg_quality, subsampling=subsampling, icc_profile=profile
+            stream, "JPEG", quality=jpeg_quality, subsampling=subsampling, icc_profile=profile, **metadata
         )
         return
 
@@ -283,9 +319,41 @@ def encode_image_to(
             method=WEBP_METHOD,
             exact=True,
             icc_profile=profile,
+            **metadata,
         )
     else:
-        image.save(stream, "WEBP", quality=webp_quality, method=WEBP_METHOD, icc_profile=profile)
+        image.save(stream, "WEBP", quality=webp_quality, method=WEBP_METHOD, icc_profile=profile, **metadata)
+
+
+def _png_xmp(xmp: bytes | None) -> PngInfo | None:
+    if not xmp:
+        return None
+    info = PngInfo()
+    info.add_itxt(PNG_XMP_KEYWORD, xmp.decode("utf-8"), zip=False)
+    return info
+
+
+def _to_srgb(rgb8: npt.NDArray[np.uint8], profile: bytes | None) -> npt.NDArray[np.uint8]:
+    """``rgb8`` converted from ``profile`` to sRGB; as it is without a profile, or with one
+    LittleCMS cannot open."""
+    if not profile:
+        return rgb8
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        converted = ImageCms.profileToProfile(
+            Image.fromarray(np.ascontiguousarray(rgb8)), source, _srgb_profile(),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB",
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return rgb8
+    if converted is None:
+        return rgb8
+    result: npt.NDArray[np.uint8] = np.asarray(converted)
+    return result
+
+
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def _pillow_image(rgb8: npt.NDArray[np.uint8], alpha8: npt.NDArray[np.uint8] | None) -> Image.Image:
@@ -317,9 +385,11 @@ def _flatten_onto_white(
 
 
 def _encode_png_16_bit(
-    rgb: PixelArray, alpha: PixelArray | None, icc_profile: bytes | None, compress_level: int
+    rgb: PixelArray, alpha: PixelArray | None, icc_profile: bytes | None, compress_level: int,
+    exif: bytes | None = None, xmp: bytes | None = None,
 ) -> bytes:
-    """16-bit RGB(A) PNG through OpenCV (BGR(A) order), with an iCCP chunk when profiled.
+    """16-bit RGB(A) PNG through OpenCV (BGR(A) order), with iCCP, eXIf and iTXt (XMP)
+    chunks when given, all before the pixels.
 
     8-bit input is widened (v × 257) in the one BGR(A) buffer OpenCV needs anyway.
     """
@@ -336,9 +406,21 @@ def _encode_png_16_bit(
     if not succeeded:
         raise ValueError("OpenCV could not encode the 16-bit PNG")
     png = encoded.tobytes()
+    # each chunk goes right after IHDR, so the last inserted comes first: iCCP, eXIf, iTXt
+    if xmp:
+        png = _insert_png_chunk_after_header(png, b"iTXt", _xmp_chunk_data(xmp))
+    if exif:
+        tiff_block = exif.removeprefix(EXIF_HEADER)
+        png = _insert_png_chunk_after_header(png, b"eXIf", tiff_block)
     if icc_profile:
         png = _insert_png_chunk_after_header(png, b"iCCP", _iccp_chunk_data(icc_profile))
     return png
+
+
+def _xmp_chunk_data(xmp: bytes) -> bytes:
+    """PNG spec §11.3.4.5 iTXt: keyword, NUL, not compressed (0, 0), empty language tag and
+    translated keyword (each NUL-terminated), the UTF-8 text."""
+    return PNG_XMP_KEYWORD.encode("latin-1") + b"\x00\x00\x00\x00\x00" + xmp
 
 
 def _iccp_chunk_data(icc_profile: bytes) -> bytes:

@@ -430,7 +430,7 @@
     const detected = Number(headers("X-Faces-Detected") || 0);
     const enhanced = Number(headers("X-Faces-Enhanced") || 0);
     const timings = parseServerTiming(headers("Server-Timing"));
-    const lookedForFaces = timings.some((timing) => timing.name === "detect"); // not with faces off or a preset without a face model
+    const lookedForFaces = headers("X-Face-Detection") !== "skipped"; // faces off, or a preset without a face model
     elements.facesResult.textContent = !lookedForFaces ? "not enhanced"
       : detected === 0 ? "none found" : `${enhanced} of ${detected} enhanced`;
     const inputText = state.inputSize ? `${state.inputSize.width}×${state.inputSize.height} → ` : "";
