@@ -113,3 +113,16 @@ def test_bench_commands_are_listed() -> None:
     assert completed.returncode == 0
     for name in ("fanout", "load", "models", "overhead"):
         assert name in completed.stdout
+
+
+@pytest.mark.timeout(240)
+def test_encode_reports_each_setting_against_png_level_6() -> None:
+    document = _bench("encode", "--upscaler", "lanczos", "--scale", "2", "--rounds", "1", "--png-levels", "1,6",
+                      "--webp-methods", "4", timeout=200)
+    rows = {row["setting"]: row for row in document["results"]}
+    assert rows["png-pillow level 6"]["bytes_vs_reference"] == 1.0 and rows["png-pillow level 6"]["time_vs_reference"] == 1.0
+    for setting in ("png-pillow level 1", "png-opencv level 1", "png-pillow optimize", "jpeg q92 4:4:4",
+                    "webp q90 method 4", "webp lossless effort 25"):
+        assert rows[setting]["bytes"] > 0 and rows[setting]["seconds"] > 0, setting
+    assert rows["png-pillow level 1"]["bytes"] > rows["png-pillow optimize"]["bytes"]  # a faster level is larger
+    assert document["settings"]["images"] == [{"name": "astronaut", "width": 1024, "height": 1024}]
