@@ -370,7 +370,8 @@ class EnhanceResource:
             }
             if result is not None:
                 fields.update(
-                    bytes_out=len(result.data), faces_detected=result.faces_detected,
+                    bytes_out=len(result.data),
+                    faces_detected=None if result.face_detection_skipped else result.faces_detected,
                     faces_enhanced=result.faces_enhanced, faces_over_limit=result.faces_over_limit,
                     stages_ms={stage: round(seconds * 1000, 1) for stage, seconds in result.timings.items()},
                 )
