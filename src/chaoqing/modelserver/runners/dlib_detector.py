@@ -42,7 +42,9 @@ upsampling); real faces in the sample photos scored 0.46 and up. The default
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,6 +138,29 @@ def choose_upsample(height: int, width: int, upsample: int) -> int:
     return 1 if height * width <= AUTO_UPSAMPLE_MAX_PIXELS else 0
 
 
+
+# face_recognition_models' own lookup goes through pkg_resources, which setuptools 81+ no longer
+# ships: only the package's files are wanted, found without importing it (as with the ncnn packages)
+LANDMARK_MODEL_FILE = "shape_predictor_5_face_landmarks.dat"
+
+
+def landmark_model_path() -> Path:
+    """The 5-point shape predictor inside the installed face_recognition_models package.
+
+    Raises RunnerError when the package or the file is missing."""
+    try:
+        spec = importlib.util.find_spec("face_recognition_models")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise RunnerError("the face detector needs face_recognition_models: pip install face_recognition_models")
+    path = Path(locations[0]) / "models" / LANDMARK_MODEL_FILE
+    if not path.is_file():
+        raise RunnerError(f"face_recognition_models is installed but {path} is missing")
+    return path
+
+
 class DlibFaceDetector(Runner):
     """dlib HOG face detector + 5-point landmarks. CPU only; one :meth:`run` at a time."""
 
@@ -158,12 +183,9 @@ class DlibFaceDetector(Runner):
             raise RunnerError(f"upsample must be -1 (automatic) or 0 to 3, got {upsample}")
         try:
             import dlib  # lazy: only a process that serves the detector pays for it
-            import face_recognition_models
         except ImportError as exc:
-            raise RunnerError(
-                f"the face detector needs dlib-bin and face_recognition_models: {exc}"
-            ) from exc
-        predictor_path = face_recognition_models.pose_predictor_five_point_model_location()
+            raise RunnerError(f"the face detector needs dlib-bin: {exc}") from exc
+        predictor_path = str(landmark_model_path())
         try:
             self._shape_predictor = dlib.shape_predictor(predictor_path)
         except RuntimeError as exc:
