@@ -76,7 +76,7 @@ def _refused(url: str) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", _port(url)), timeout=2):
             return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: queued as the listener closed
         return True
 
 
