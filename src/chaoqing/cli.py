@@ -7,6 +7,7 @@ in :func:`main`, before anything else imports sockets or threads.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -71,13 +72,17 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
 
 @cli.command("model-server", short_help="Serve models over the KServe v2 protocol.")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME",
-              help="Model to serve; repeat for several. See `chaoqing doctor` for names.")
+              help="Model to serve; repeat for several. `chaoqing models` lists them, with their licenses.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9000, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 picks a free one (printed on start).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Compute threads per model instance; 0 = number of CPUs.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, or vulkan:N for GPU N through ncnn's Vulkan path.")
+@click.option("--runtime", default="ncnn", show_default=True, metavar="NAME",
+              help="What computes the upscalers: ncnn, openvino, onnxruntime or torch. The last three are extras: "
+                   "pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detector is dlib's).")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
+              help="cpu; vulkan:N (ncnn); cuda:N (onnxruntime, torch); tensorrt:N (onnxruntime's TensorRT provider).")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Model instances (one native thread each) per model.")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256),
@@ -96,12 +101,13 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
                    "`chaoqing serve` makes one for its own ([model_server] compute_slots).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log (stderr).")
-def model_server(models: tuple[str, ...], host: str, port: int, threads: int, device: str, instances: int,
+def model_server(models: tuple[str, ...], host: str, port: int, threads: int, runtime: str, device: str, instances: int,
                  max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, model_options: dict[str, str],
                  compute_slots: Path | None, log_level: str) -> None:
     """Serve models over the KServe v2 protocol (REST, binary tensors).
 
-    Any v2 client works: the gateway, tritonclient, KServe, curl.
+    Any v2 client works: the gateway, tritonclient, KServe, curl. A runtime or device that
+    is missing stops it at start-up with one line saying what to install (exit status 2).
     """
     _setup_logging(log_level)
     # ncnn's OpenMP threads spin while idle by default; beside other model servers on the same
@@ -121,11 +127,15 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
             check_model_options(name, model_options)
     except RunnerError as exc:
         _fail(f"--model-option: {exc}")
+    try:
+        runner_settings = RunnerSettings(threads=threads, runtime=runtime, device=device, model_options=model_options)
+    except RunnerError as exc:
+        _fail(str(exc))
     options = ModelServerOptions(
         models=tuple(dict.fromkeys(models)),
         host=host,
         port=port,
-        runner=RunnerSettings(threads=threads, device=device, model_options=model_options),
+        runner=runner_settings,
         batching=BatchSettings(
             instances=instances,
             max_batch_size=max_batch_size,
@@ -140,11 +150,33 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, de
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     except ConfigError as exc:
         _fail(f"--compute-slots: {exc}")
+    except RunnerError as exc:  # the runtime or device is missing
+        _fail(str(exc))
     server.start()
     # machine-readable first line: supervisors and tests read the port from it
     click.echo(f"chaoqing model server listening on {server.url} models={','.join(options.models)}", err=False)
     sys.stdout.flush()
     _run_until_signalled(server.serve_forever, server.stop)
+
+
+@cli.command(short_help="List the bundled models and their licenses.")
+@click.option("--json", "as_json", is_flag=True, help="Print them as JSON: every field, and where the files are.")
+def models(as_json: bool) -> None:
+    """List the bundled models: scale, license, whether it allows commercial use, source, and
+    what each is for; and which runtimes are installed.
+
+    Non-commercial weights (span-clearreality-x4) are marked; `unverified` means no license
+    for those weights could be established. The sim-* simulators (tests, benchmarks) are not
+    listed.
+    """
+    from chaoqing.modelserver.runners.listing import installed_runtimes, list_models, models_table
+
+    listed = list_models()
+    runtimes = installed_runtimes()
+    if as_json:
+        click.echo(json.dumps({"models": listed, "runtimes": runtimes}, indent=2, ensure_ascii=False))
+        return
+    click.echo(models_table(listed, runtimes))
 
 
 @cli.command()

@@ -13,6 +13,13 @@ A TOML file looks like::
     [limits]
     max_body_bytes = 41943040
 
+    [model_server]                   # the model servers `chaoqing serve` starts
+    runtime = "ncnn"                 # ncnn | openvino | onnxruntime | torch
+    [model_server.runtimes]          # per model, over `runtime`
+    "realesrgan-x4plus" = "openvino"
+    [model_server.devices]           # per model, over `device`
+    "realesrgan-x4plus" = "cpu"
+
     [endpoints]                      # absent: `chaoqing serve` starts model servers itself
     "realesr-animevideov3-x4" = ["http://127.0.0.1:9000"]
     "realesrgan-x4plus" = ["http://127.0.0.1:9001", "http://10.0.0.7:8000"]
@@ -35,6 +42,7 @@ from typing import Any
 from chaoqing.errors import ConfigError
 
 __all__ = [
+    "MODEL_RUNTIMES",
     "PRESETS",
     "Config",
     "EncodeSettings",
@@ -77,6 +85,7 @@ class Preset:
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
+ANIME_X4 = "realesrgan-x4plus-anime"
 FACE_DETECTOR = "face-detector"
 
 PRESETS: Mapping[str, Preset] = types.MappingProxyType(
@@ -86,8 +95,17 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
             "balanced", COMPACT_X4, PLUS_X4, "compact Real-ESRGAN background, Real-ESRGAN x4plus on aligned faces"
         ),
         "quality": Preset("quality", PLUS_X4, PLUS_X4, "Real-ESRGAN x4plus everywhere"),
+        # illustrations: realesr-animevideov3 is Real-ESRGAN's anime model (video, fast); a face
+        # the photo detector finds in a drawing gets the anime RRDBNet (docs/model-server.md)
+        "anime": Preset(
+            "anime", COMPACT_X4, ANIME_X4, "illustrations: compact anime background, Real-ESRGAN x4plus-anime on faces"
+        ),
     }
 )
+
+# What `[model_server] runtime` may name (chaoqing.modelserver.runners.backends.RUNTIMES; a
+# leaf cannot import it, tests/test_runtimes.py checks that they agree)
+MODEL_RUNTIMES = ("ncnn", "openvino", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -143,8 +161,14 @@ class RemoteSettings:
 class ModelServerSettings:
     """Settings of model servers, embedded or standalone."""
 
-    threads: int = 0  # ncnn threads per model instance; 0 = number of CPUs
+    threads: int = 0  # compute threads per model instance; 0 = number of CPUs
+    # what computes the upscalers, and where (docs/model-server.md "Runtimes"): ncnn on cpu or
+    # vulkan:N, openvino on cpu, onnxruntime on cpu, cuda:N or tensorrt:N, torch on cpu or cuda:N
+    runtime: str = "ncnn"
     device: str = "cpu"
+    # per model, over runtime and device: [model_server.runtimes] "realesrgan-x4plus" = "openvino"
+    runtimes: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    devices: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     instances: int = 1
     max_batch_size: int = 8
     max_queue_delay_ms: float = 2.0
@@ -164,6 +188,20 @@ class ModelServerSettings:
     def __post_init__(self) -> None:
         if self.compute_slots < 0:
             raise ConfigError(f"model_server.compute_slots: {self.compute_slots} must be 0 (no budget) or more")
+        for name in ("runtimes", "devices"):
+            table = {_normalise_model_key(model): value for model, value in getattr(self, name).items()}
+            object.__setattr__(self, name, types.MappingProxyType(table))
+        for where, runtime in [("runtime", self.runtime), *((f"runtimes.{m}", r) for m, r in self.runtimes.items())]:
+            if runtime not in MODEL_RUNTIMES:
+                raise ConfigError(f"model_server.{where}: {runtime!r} is not one of {', '.join(MODEL_RUNTIMES)}")
+
+    def runtime_for(self, model: str) -> str:
+        """The runtime ``model``'s server is started with: its entry in ``runtimes``, else ``runtime``."""
+        return self.runtimes.get(model, self.runtime)
+
+    def device_for(self, model: str) -> str:
+        """The device ``model``'s server is started with: its entry in ``devices``, else ``device``."""
+        return self.devices.get(model, self.device)
 
 
 @dataclass(frozen=True)
@@ -311,6 +349,15 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             if isinstance(value, str):
                 return tuple(item.strip() for item in value.split(",") if item.strip())
             return tuple(str(item) for item in value)
+        if isinstance(default, Mapping):  # a TOML table, or "KEY=VALUE,KEY=VALUE" from the environment
+            if isinstance(value, str):
+                pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+                if any(not separator for _, separator, _ in pairs):
+                    raise ConfigError(f"{key}: {value!r} is not MODEL=VALUE,MODEL=VALUE")
+                value = {model.strip(): text.strip() for model, _, text in pairs}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: must be a table of model name = value")
+            return types.MappingProxyType({str(key): str(text) for key, text in value.items()})
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}: {value!r} is not a valid {type(default).__name__}") from exc

@@ -71,6 +71,10 @@ face_model = "sim-face"
 [presets.quality]
 upscaler = "sim-upscale-x4"
 face_model = "sim-face"
+
+[presets.anime]
+upscaler = "sim-upscale-x4"
+face_model = "sim-face"
 """
 
 

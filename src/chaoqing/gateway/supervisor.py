@@ -7,8 +7,11 @@ unexpectedly is started again on the same port (so the gateway's endpoints stay 
 with a growing back-off. Children die with the parent (PR_SET_PDEATHSIG on Linux), and
 :meth:`ModelServerSupervisor.stop` terminates them gracefully, then kills stragglers.
 
-Every child gets the same server settings; only a simulator (a ``sim-*`` model, for tests
-and benchmarks) also gets ``[model_server]``'s ``sim_latency_ms`` and ``sim_faces``, as
+Every child gets the same server settings but its runtime and device: ``[model_server]``'s
+``runtime`` and ``device``, or the model's own entry in ``[model_server.runtimes]`` and
+``[model_server.devices]`` (``--runtime``, ``--device``); a runtime or device that is missing
+stops that child at start-up with one line on stderr saying what to install. Only a simulator
+(a ``sim-*`` model, for tests and benchmarks) also gets ``[model_server]``'s ``sim_latency_ms`` and ``sim_faces``, as
 ``--model-option`` settings of its own. A real model is never started with them.
 
 The compute budget: with ``[model_server] compute_slots`` N > 0 on the CPU, :meth:`start`
@@ -91,7 +94,10 @@ class ModelServerSupervisor:
                  threads_per_model: int | None = None) -> None:
         self.settings = settings
         self.log_level = log_level
-        self.compute_slots = settings.compute_slots if settings.device == CPU_DEVICE else 0
+        models = tuple(models)
+        # the budget shares CPU cores: it is made when a model computes on the CPU, for those that do
+        on_cpu = any(settings.device_for(model) == CPU_DEVICE for model in models)
+        self.compute_slots = settings.compute_slots if on_cpu else 0
         if threads_per_model is None:
             threads_per_model = settings.threads
             if threads_per_model == 0 and self.compute_slots:
@@ -114,13 +120,15 @@ class ModelServerSupervisor:
             "--host", "127.0.0.1",
             "--port", str(child.port),
             "--threads", str(self.threads_per_model),
-            "--device", settings.device,
+            "--runtime", settings.runtime_for(child.model),
+            "--device", settings.device_for(child.model),
             "--instances", str(settings.instances),
             "--max-batch-size", str(settings.max_batch_size),
             "--max-queue-delay-ms", str(settings.max_queue_delay_ms),
             "--max-queue-size", str(settings.max_queue_size),
             *_model_options(child.model, settings),
-            *(["--compute-slots", str(self.compute_slots_directory)] if self.compute_slots_directory else []),
+            *(["--compute-slots", str(self.compute_slots_directory)]
+              if self.compute_slots_directory and settings.device_for(child.model) == CPU_DEVICE else []),
             "--log-level", self.log_level,
             *child.extra_arguments,
         ]

@@ -53,7 +53,7 @@ from chaoqing.errors import (
 )
 from chaoqing.modelserver.batcher import Batcher, BatchRecord, BatchSettings
 from chaoqing.modelserver.compute import ComputeBudget
-from chaoqing.modelserver.runners import RunnerSettings, create_runner
+from chaoqing.modelserver.runners import RunnerSettings, check_runtimes, create_runner
 from chaoqing.modelserver.runners.base import ModelSpec, Runner
 from chaoqing.protocol import v2
 from chaoqing.protocol.listen import BODY_READ_KEY, QuietHandler, bound_port, create_listener
@@ -377,7 +377,8 @@ class ModelServer:
     blocks; ``stop()`` closes the listener, lets in-flight requests finish within its
     timeout, then releases the models. ``port`` is the bound port (useful with port 0).
     Raises OSError when the address cannot be bound, ConfigError when ``compute_slots`` is not a
-    folder of slot files.
+    folder of slot files, RunnerError when a model's runtime or device is missing (before the
+    port is taken: a start-up error in one line that says what to install).
     """
 
     def __init__(self, options: ModelServerOptions, runner_factory: Callable[[str, RunnerSettings], Runner] = create_runner) -> None:
@@ -387,6 +388,7 @@ class ModelServer:
         self._runner_factory = runner_factory
         self._metrics = _Metrics()
         self.models: dict[str, _Model] = {name: _Model(name) for name in options.models}
+        check_runtimes(options.models, options.runner)
         # one budget for every model of this process; raises ConfigError for a bad folder
         self.budget = ComputeBudget(Path(options.compute_slots)) if options.compute_slots else None
         self.app = ModelServerApp(options, self.models, self._metrics, self.budget)

@@ -7,6 +7,7 @@ batch runs item by item. Its convolutions release the GIL. Memory per input pixe
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Any
 
@@ -20,13 +21,24 @@ __all__ = ["INPUT_BLOB", "OUTPUT_BLOB", "NcnnBackend", "check_vulkan_device"]
 
 INPUT_BLOB = "data"  # every bundled .param file: `Input input.1 0 1 data`
 OUTPUT_BLOB = "output"  # last layer's top blob in every bundled .param file
+VULKAN_LOADER = "libvulkan.so.1"  # what ncnn dlopens for its GPUs
+
+
+def _vulkan_loader_found() -> bool:
+    try:
+        ctypes.CDLL(VULKAN_LOADER)
+    except OSError:
+        return False
+    return True
 
 
 def check_vulkan_device(ncnn: Any, index: int) -> None:
-    """Raises RunnerError unless ncnn sees Vulkan GPU ``index`` (it sees none without libvulkan)."""
-    gpu_count = ncnn.get_gpu_count()
+    """Raises RunnerError unless ncnn sees Vulkan GPU ``index`` (none without libvulkan.so.1)."""
+    # without the loader ncnn would only print its dlopen failures (8 lines) and count none
+    gpu_count = ncnn.get_gpu_count() if _vulkan_loader_found() else 0
     if gpu_count == 0:
-        raise RunnerError(f"Vulkan device {index} requested but ncnn sees no GPU; use --device cpu")
+        reason = "" if _vulkan_loader_found() else f" ({VULKAN_LOADER} not found: install a Vulkan driver)"
+        raise RunnerError(f"Vulkan device {index} requested but ncnn sees no GPU; use --device cpu{reason}")
     if index >= gpu_count:
         raise RunnerError(
             f"Vulkan device {index} requested but ncnn sees only {gpu_count} "

@@ -1,0 +1,88 @@
+"""What ``chaoqing models`` prints: every bundled model's card, whether its files are here, and
+which runtimes are installed. Cheap: packages are located, never imported."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from chaoqing.errors import RunnerError
+from chaoqing.modelserver.runners.backends import RUNTIMES
+from chaoqing.modelserver.runners.catalog import DETECTOR_CARD, UPSCALERS, ModelCard, model_files
+
+__all__ = ["installed_runtimes", "list_models", "models_table"]
+
+DETECTOR_MODULES = ("dlib", "face_recognition_models")
+# columns of the table: heading, key, widest text shown
+_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 16),
+            ("commercial", "commercial_use", 10), ("for", "purpose", 60))
+
+
+def _located(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module set to None
+        return False
+
+
+def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str) -> dict[str, Any]:
+    return {
+        "name": card.name,
+        "kind": card.kind,
+        "scale": card.scale,
+        "architecture": card.architecture,
+        "license": card.license,
+        "commercial_use": card.commercial_use,
+        "license_note": card.license_note,
+        "source": card.source,
+        "package": card.package,
+        "purpose": card.purpose,
+        "installed": installed,
+        "files": list(files),
+        "missing": missing,
+    }
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every bundled model (the upscalers, then the detector) as a dict: its card, ``installed``
+    (its files or packages are here), ``files`` and, when not installed, ``missing`` (why)."""
+    listed = []
+    for model in UPSCALERS.values():
+        try:
+            paths = model_files(model)
+        except RunnerError as exc:
+            listed.append(_entry(model.card, False, [], str(exc)))
+            continue
+        listed.append(_entry(model.card, True, [str(path) for path in paths], ""))
+    absent = [module for module in DETECTOR_MODULES if not _located(module)]
+    listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
+    return listed
+
+
+def installed_runtimes() -> dict[str, bool]:
+    """Runtime name → whether its package is installed (located, not imported)."""
+    return {name: _located(runtime.module) for name, runtime in RUNTIMES.items()}
+
+
+def models_table(listed: Sequence[Mapping[str, Any]], runtimes: Mapping[str, bool]) -> str:
+    """The listing as an aligned text table, each model's source below it, the runtimes after."""
+    widths = [max(len(heading), min(width, max(len(str(entry[key])) for entry in listed)))
+              for heading, key, width in _COLUMNS]
+    lines = ["  ".join(heading.ljust(width) for (heading, _, _), width in zip(_COLUMNS, widths, strict=True)).rstrip()]
+    for entry in listed:
+        cells = [str(entry[key] or "—") for _, key, _ in _COLUMNS]
+        if not entry["installed"]:
+            cells[0] += " (missing)"
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip())
+        lines.append(f"    source: {entry['source']}; {entry['license_note']}")
+        if not entry["installed"]:
+            lines.append(f"    missing: {entry['missing']}")
+    missing_runtimes = [name for name, present in runtimes.items() if not present]
+    lines.append("")
+    lines.append("runtimes installed: " + ", ".join(name for name, present in runtimes.items() if present))
+    if missing_runtimes:
+        hints = ", ".join(f"{name} ({RUNTIMES[name].install_hint()})" for name in missing_runtimes)
+        lines.append(f"runtimes not installed: {hints}")
+    lines.append("commercial: 'no' forbids commercial use; 'unverified': no license for the weights was established.")
+    return "\n".join(lines)
