@@ -31,7 +31,7 @@ def enhance_photo_sequentially(
     request = prepare_photo(data, media_type, options, services)
     preset = request.config.presets[options.preset]
     background = upscale_background(request, preset.upscaler)
-    faces = FacesOutcome()
+    faces = FacesOutcome(detection_skipped=True)
     if options.faces and preset.face_model:
         detected = detect_faces(request)
         face_model = request.remotes[preset.face_model]
