@@ -156,12 +156,13 @@ class PixelShuffleAttributes:
 
 @dataclass(frozen=True)
 class InterpAttributes:
-    """A resize. Output size is ``output_size`` (height, width) when set, else
-    ``int(side * scale)`` per side, as ncnn computes it."""
+    """A resize by ``scale``: the output side is ``int(side * scale)``, as ncnn computes it.
+
+    ncnn samples nearest at ``floor(out / scale)`` and bilinear / bicubic at half-pixel
+    centres with the ratio in / out (or corner to corner with ``align_corners``)."""
 
     mode: str  # "nearest", "bilinear" or "bicubic"
     scale: tuple[float, float]  # (height, width)
-    output_size: tuple[int, int] | None
     align_corners: bool
 
 
@@ -603,8 +604,8 @@ def _build_pixel_shuffle(
 def _build_interp(
     line: _ParamLine, reader: _WeightReader, where: str
 ) -> tuple[LayerAttributes, Weights]:
-    """ncnn Interp: 0 resize_type, 1/2 height/width scale, 3/4 output height/width,
-    5 dynamic_target_size, 6 align_corner."""
+    """ncnn Interp: 0 resize_type, 1/2 height/width scale, 6 align_corner; 3/4 (a fixed output
+    height/width) and 5 (dynamic_target_size, another blob's size) are refused."""
     resize_type = _int_param(line, 0, 0, where)
     mode = INTERP_MODES.get(resize_type)
     if mode is None:
@@ -615,14 +616,14 @@ def _build_interp(
         raise RunnerError(
             f"{where}: a resize to another blob's size (dynamic_target_size) is not supported"
         )
+    if _int_param(line, 3, 0, where) or _int_param(line, 4, 0, where):
+        # a super-resolution network takes any size; a fixed output size defeats that
+        raise RunnerError(f"{where}: a resize to a fixed output size is not supported")
     scale = (_float_param(line, 1, 1.0, where), _float_param(line, 2, 1.0, where))
-    output_height = _int_param(line, 3, 0, where)
-    output_width = _int_param(line, 4, 0, where)
-    output_size = (output_height, output_width) if output_height and output_width else None
-    if output_size is None and min(scale) <= 0:
+    if min(scale) <= 0:
         raise RunnerError(f"{where}: scales must be positive, got {scale}")
     align_corners = _int_param(line, 6, 0, where) != 0
-    return InterpAttributes(mode, scale, output_size, align_corners), {}
+    return InterpAttributes(mode, scale, align_corners), {}
 
 
 def _build_binary_op(
@@ -775,8 +776,7 @@ def _infer_scale(
     """Output side / input side, by following each blob's (height, width) factor through the graph.
 
     Constants (MemoryData) have no factor and broadcast. Raises RunnerError when the factor is
-    not one positive integer for both sides, cannot be known (a resize to a fixed size), or
-    two inputs of one layer disagree.
+    not one positive integer for both sides, or two inputs of one layer disagree.
     """
     factors: dict[str, tuple[Fraction, Fraction] | None] = {input_blob: (Fraction(1), Fraction(1))}
     for layer in layers:
@@ -800,20 +800,17 @@ def _infer_scale(
             elif isinstance(attributes, PixelShuffleAttributes):
                 factor = (height * attributes.factor, width * attributes.factor)
             elif isinstance(attributes, InterpAttributes):
-                if attributes.output_size is not None:
-                    factor = None
-                else:
-                    height_scale, width_scale = (
-                        Fraction(value).limit_denominator(MAX_SCALE_DENOMINATOR)
-                        for value in attributes.scale
-                    )
-                    factor = (height * height_scale, width * width_scale)
+                height_scale, width_scale = (
+                    Fraction(value).limit_denominator(MAX_SCALE_DENOMINATOR)
+                    for value in attributes.scale
+                )
+                factor = (height * height_scale, width * width_scale)
         for blob in layer.outputs:
             factors[blob] = factor
     scale = factors[output_blob]
     if scale is None or scale[0] != scale[1] or scale[0].denominator != 1 or scale[0] <= 0:
         found = (
-            "a fixed size" if scale is None else f"{scale[0]}× the height, {scale[1]}× the width"
+            "only constants" if scale is None else f"{scale[0]}× the height, {scale[1]}× the width"
         )
         raise RunnerError(
             f"{param_path}: the output is not one whole multiple of the input's size (found {found})"

@@ -14,7 +14,8 @@ How each ncnn layer maps (the ncnn semantics are in :mod:`.ncnn_graph`):
   x·Sigmoid(x);
 - Interp → Resize: nearest with ``asymmetric`` coordinates and ``floor`` rounding, bilinear
   and bicubic (a = -0.75, as ncnn's and PyTorch's) with ``half_pixel`` or ``align_corners``
-  coordinates; a scale gives ``scales``, a fixed output size gives ``sizes``;
+  coordinates; nearest gets the ``scales``, the others the ``sizes`` floor(side × scale), so
+  that ONNX samples with ncnn's ratio in / out;
 - BinaryOp → Add, Sub, Mul, Div, Max, Min, Pow (the r-forms swap the operands); a scalar is
   a constant; Eltwise → Mul / Sum (after the coefficients) / Max; Concat → Concat on
   ncnn's axis + 1; Split → nothing (its outputs are its input); MemoryData → a constant
@@ -279,34 +280,33 @@ class _OnnxBuilder:
             if attributes.mode == "bicubic":
                 resize_attributes["cubic_coeff_a"] = CUBIC_COEFFICIENT
         empty_roi = ""
-        if attributes.output_size is None:
-            height_scale, width_scale = attributes.scale
-            scales = self._constant(
-                f"{layer.name}/scales",
-                np.array([1.0, 1.0, height_scale, width_scale], dtype=np.float32),
-            )
-            inputs = [source, empty_roi, scales]
+        height_scale, width_scale = attributes.scale
+        scales = np.array([1.0, 1.0, height_scale, width_scale], dtype=np.float32)
+        if attributes.mode == "nearest":
+            # ncnn samples at floor(out / scale): ONNX's asymmetric transform with the scales
+            inputs = [source, empty_roi, self._constant(f"{layer.name}/scales", scales)]
         else:
-            shape = self._node("Shape", [source], self._fresh(f"{layer.name}/shape"), layer)
-            batch_and_channels = self._node(
-                "Slice",
-                [shape, self._constant(f"{layer.name}/start", np.array([0], dtype=np.int64)),
-                 self._constant(f"{layer.name}/end", np.array([2], dtype=np.int64))],
-                self._fresh(f"{layer.name}/batch_and_channels"),
-                layer,
-            )  # fmt: skip
-            target = self._constant(
-                f"{layer.name}/size", np.array(attributes.output_size, dtype=np.int64)
-            )
-            sizes = self._node(
-                "Concat",
-                [batch_and_channels, target],
-                self._fresh(f"{layer.name}/sizes"),
-                layer,
-                axis=0,
-            )
-            inputs = [source, empty_roi, "", sizes]
+            # ncnn samples with the ratio in / out: ONNX does so when given the sizes,
+            # floor(side × scale) as ncnn computes them
+            inputs = [source, empty_roi, "", self._output_sizes(layer, source, scales)]
         self._node("Resize", inputs, self._produce(layer.outputs[0]), layer, **resize_attributes)
+
+    def _output_sizes(self, layer: NcnnLayer, source: str, scales: np.ndarray[Any, Any]) -> str:
+        """[N, C, floor(H·scale), floor(W·scale)] as an int64 tensor computed from ``source``."""
+        shape = self._node("Shape", [source], self._fresh(f"{layer.name}/shape"), layer)
+        as_float = self._node(
+            "Cast", [shape], self._fresh(f"{layer.name}/shape_float"), layer, to=TensorProto.FLOAT
+        )
+        scaled = self._node(
+            "Mul",
+            [as_float, self._constant(f"{layer.name}/scales", scales)],
+            self._fresh(f"{layer.name}/scaled_shape"),
+            layer,
+        )
+        floored = self._node("Floor", [scaled], self._fresh(f"{layer.name}/floored_shape"), layer)
+        return self._node(
+            "Cast", [floored], self._fresh(f"{layer.name}/sizes"), layer, to=TensorProto.INT64
+        )
 
     def _add_binaryop(self, layer: NcnnLayer) -> None:
         attributes = _attributes(layer, BinaryOpAttributes)

@@ -7,10 +7,10 @@ channels_last — and returns NCHW of ``scale``× the size. Each ncnn layer is a
 buffers (MemoryData constants), so ``.to(device)``, ``.half()`` and ``state_dict()`` work as
 for any module. The layers run in the file's order over a list of blobs, as ncnn runs them.
 
-The layer semantics are ncnn's (see :mod:`.ncnn_graph` and :mod:`.onnx_export`): resizes
-compute their output size as ``int(side * scale)`` and pass the size, not the factor, to
-:func:`torch.nn.functional.interpolate`, so the sampling grid is ncnn's (in / out) even
-where a float scale is inexact.
+The layer semantics are ncnn's (see :mod:`.ncnn_graph` and :mod:`.onnx_export`): a
+bilinear or bicubic resize passes :func:`torch.nn.functional.interpolate` the size
+``int(side * scale)``, so it samples with ncnn's ratio in / out even where a float scale is
+inexact; a nearest one passes the factor, as ncnn samples at ``floor(out / scale)``.
 
 Importing this module imports :mod:`torch`.
 """
@@ -39,9 +39,6 @@ from chaoqing.modelserver.convert.ncnn_graph import (
 )
 
 __all__ = ["NcnnModule", "graph_to_torch"]
-
-# interpolate's mode for ncnn's resize types
-_INTERPOLATE_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic"}
 
 
 def graph_to_torch(graph: NcnnGraph) -> NcnnModule:
@@ -244,18 +241,21 @@ class _Interp(nn.Module):
 
     def forward(self, blob: Tensor) -> Tensor:
         attributes = self.attributes
-        if attributes.output_size is not None:
-            size = attributes.output_size
-        else:
-            height, width = blob.shape[2], blob.shape[3]
-            # ncnn interp.cpp: `oh = h * height_scale` in float, truncated to int
-            size = (
-                int(np.float32(height) * np.float32(attributes.scale[0])),
-                int(np.float32(width) * np.float32(attributes.scale[1])),
+        if attributes.mode == "nearest":
+            # ncnn samples at floor(out / scale): interpolate does so when given the factor
+            return functional.interpolate(
+                blob, scale_factor=attributes.scale, mode="nearest", recompute_scale_factor=False
             )
-        mode = _INTERPOLATE_MODES[attributes.mode]
-        align_corners = None if mode == "nearest" else attributes.align_corners
-        return functional.interpolate(blob, size=size, mode=mode, align_corners=align_corners)
+        # ncnn interp.cpp: `oh = h * height_scale` in float, truncated; it samples with the
+        # ratio in / out, as interpolate does when given the size
+        height, width = blob.shape[2], blob.shape[3]
+        size = (
+            int(np.float32(height) * np.float32(attributes.scale[0])),
+            int(np.float32(width) * np.float32(attributes.scale[1])),
+        )
+        return functional.interpolate(
+            blob, size=size, mode=attributes.mode, align_corners=attributes.align_corners
+        )
 
 
 class _BinaryOp(nn.Module):
