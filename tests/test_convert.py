@@ -42,6 +42,7 @@ from chaoqing.modelserver.convert import (
     graph_to_torch,
     parse_ncnn_model,
 )
+from chaoqing.modelserver.convert.cache import CONVERTED_FOLDER
 from chaoqing.modelserver.convert.ncnn_graph import TAG_FLOAT16
 
 THREADS = 2
@@ -233,7 +234,7 @@ def test_cache_converts_once_and_the_file_runs(cache_folder: Path) -> None:
     param_path, bin_path = _model_files("realesr-animevideov3-x4")
     path = converted_onnx_path(param_path, bin_path)
     digest = parse_ncnn_model(param_path, bin_path).digest
-    assert path == cache_folder / "converted" / f"realesr-animevideov3-x4-{digest[:16]}.onnx"
+    assert path == cache_folder / CONVERTED_FOLDER / f"realesr-animevideov3-x4-{digest[:16]}.onnx"
     modified = path.stat().st_mtime_ns
     assert converted_onnx_path(param_path, bin_path) == path
     assert path.stat().st_mtime_ns == modified
@@ -286,7 +287,7 @@ def test_a_truncated_bin_is_an_error_naming_it(cache_folder: Path, tmp_path: Pat
     bin_path.write_bytes(bin_path.read_bytes()[:-1000])
     with pytest.raises(RunnerError, match=str(bin_path)):
         converted_onnx_path(param_path, bin_path)
-    assert not (cache_folder / "converted").exists() or not any((cache_folder / "converted").iterdir())
+    assert not (cache_folder / CONVERTED_FOLDER).exists() or not any((cache_folder / CONVERTED_FOLDER).iterdir())
 
 
 def test_a_bin_of_another_model_is_an_error_naming_it(tmp_path: Path) -> None:

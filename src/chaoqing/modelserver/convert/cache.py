@@ -1,6 +1,6 @@
 """Converted models on disk: made at first use from the installed files, then reused.
 
-:func:`converted_onnx_path` returns ``<cache>/converted/<stem>-<digest[:16]>.onnx``, where
+:func:`converted_onnx_path` returns ``<cache>/converted-v1/<stem>-<digest[:16]>.onnx``, where
 ``<cache>`` is :func:`cache_directory` and the digest is the sha256 of the ``.param`` and
 ``.bin`` bytes (so a changed file gets a new name, and an unchanged one is never converted
 again). Nothing is downloaded. The file is written to a temporary name in the same folder and
@@ -19,11 +19,13 @@ from pathlib import Path
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.convert.ncnn_graph import digest_files, parse_ncnn_model
 
-__all__ = ["CACHE_ENVIRONMENT_VARIABLE", "cache_directory", "converted_onnx_path"]
+__all__ = ["CACHE_ENVIRONMENT_VARIABLE", "CONVERTED_FOLDER", "cache_directory", "converted_onnx_path"]
 
 CACHE_ENVIRONMENT_VARIABLE = "CHAOQING_CACHE_DIR"
 APPLICATION_FOLDER = "chaoqing"  # under $XDG_CACHE_HOME or ~/.cache
-CONVERTED_FOLDER = "converted"
+# the converter's own version is in the folder name: bump it when its output changes, so files an
+# older converter cached are never reused
+CONVERTED_FOLDER = "converted-v1"
 DIGEST_PREFIX_LENGTH = 16  # hex digits of the sha256 in a converted file's name
 
 
