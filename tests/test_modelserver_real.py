@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from skimage import data
 from chaoqing.config import RemoteSettings
 from chaoqing.gateway.remote import RemoteModel
 from chaoqing.modelserver.app import ModelServer
+from chaoqing.modelserver.runners import RunnerSettings, create_runner
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -43,6 +46,41 @@ def test_cli_model_server_is_ready_within_10_seconds() -> None:
         models = {name: requests.get(f"{url}/v2/models/{name}", timeout=5).json() for name in ("realesr-animevideov3-x4", "face-detector")}
         assert models["realesr-animevideov3-x4"]["parameters"]["scale"] == 4
         assert models["face-detector"]["outputs"][2]["shape"] == [-1, 5, 2]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0
+
+
+def test_cli_model_server_on_openvino_is_ready_and_matches_ncnn(tmp_path: Path) -> None:
+    """--runtime openvino: the ONNX form is built at first use (into the cache folder), then
+    the same contract answers with ncnn's pixels to within 1/255."""
+    command = [sys.executable, "-m", "chaoqing", "model-server", "--model", "realesr-animevideov3-x4",
+               "--runtime", "openvino", "--port", "0", "--threads", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "CHAOQING_CACHE_DIR": str(tmp_path)})
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line
+        url = line.split("listening on ")[1].split()[0]
+        ends_at = time.monotonic() + 60
+        while requests.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < ends_at, "not ready within 60 s"
+            time.sleep(0.1)
+        metadata = requests.get(f"{url}/v2/models/realesr-animevideov3-x4", timeout=5).json()
+        assert metadata["platform"] == "openvino" and metadata["parameters"]["runtime"] == "openvino"
+        assert list(tmp_path.rglob("*.onnx")), "the converted model is cached where CHAOQING_CACHE_DIR says"
+        crop = np.ascontiguousarray(data.astronaut()[40:104, 160:224])
+        remote = RemoteModel("realesr-animevideov3-x4", [url], RemoteSettings())
+        served = remote.infer({"image": crop[None]}, ["image"], time.monotonic() + 60)["image"]
+        remote.close()
+        reference = create_runner("realesr-animevideov3-x4", RunnerSettings(threads=2)).run({"image": crop[None]})["image"]
+        assert np.abs(served.astype(np.int16) - reference.astype(np.int16)).max() <= 1
     finally:
         process.send_signal(signal.SIGTERM)
         try:

