@@ -57,7 +57,7 @@ def test_local_runs_the_script_and_the_service_alternately(tmp_path: Path) -> No
     assert batching["in_turn_s"] > 0 and batching["one_batch_s"] > 0 and batching["side_by_side_s"] > 0
 
 
-def test_local_says_which_face_count_no_photo_has(tmp_path: Path) -> None:
+def test_local_says_which_face_count_or_photo_it_lacks(tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "tiny.png").write_bytes(encode_photo(synthetic_photo(96, 64), "PNG"))
@@ -67,3 +67,6 @@ def test_local_says_which_face_count_no_photo_has(tmp_path: Path) -> None:
                         timeout=120)
     assert completed.returncode != 0
     assert "exactly 3 face(s)" in completed.stderr and "2: 1" in completed.stderr, completed.stderr
+    completed = run_cli("bench", "local", "--photos", str(photos), "--config", str(config), "--photo", "nope.png",
+                        timeout=120)
+    assert completed.returncode != 0 and "not a photo" in completed.stderr and "nope.png" in completed.stderr

@@ -14,7 +14,8 @@ one run and alternating (a shared machine drifts by more than the difference mea
   it without a budget), one POST /v1/enhance per photo and scale.
 
 Photos come from ``--photos`` (a folder): for each count in ``--faces`` (2 and 4), the
-smallest photo in which the detector finds exactly that many faces. Each round runs every
+smallest photo in which the detector finds exactly that many faces, or the ones ``--photo``
+names. Each round runs every
 photo × scale × side once; the order of the sides rotates from round to round, and each
 side is warmed up once first (untimed). Per photo and scale the table gives the medians
 and the ratio service / script; the target is ≤ 0.9 for the first ``--compute-slots``
@@ -87,6 +88,7 @@ class LocalPlan:
     threads: int
     config_path: Path | None = None
     batching: bool = False
+    photo_names: tuple[str, ...] = ()  # these files of the folder instead of choosing by face count
 
 
 @dataclass
@@ -310,14 +312,19 @@ class _Service:
 
 
 def _choose_photos(plan: LocalPlan, script: _Script, progress: Callable[[str], None]) -> list[_Photo]:
-    """For each face count, the smallest photo of the folder with exactly that many faces."""
+    """The named photos, or for each face count the smallest photo of the folder with exactly
+    that many faces."""
     from chaoqing.bench.models import _load_rgb
     from chaoqing.errors import BenchError
 
     if not plan.photos_path.is_dir():
         raise BenchError(f"--photos {plan.photos_path} is not a folder")
     found: dict[int, list[_Photo]] = {}
-    for path in sorted(plan.photos_path.iterdir()):
+    named = [plan.photos_path / name for name in plan.photo_names]
+    missing = [path.name for path in named if not path.is_file() or path.suffix.lower() not in PHOTO_SUFFIXES]
+    if missing:
+        raise BenchError(f"not a photo in {plan.photos_path}: {', '.join(missing)}")
+    for path in named or sorted(plan.photos_path.iterdir()):
         if path.suffix.lower() not in PHOTO_SUFFIXES:
             continue
         rgb = _load_rgb(path)
@@ -325,6 +332,8 @@ def _choose_photos(plan: LocalPlan, script: _Script, progress: Callable[[str], N
         progress(f"{path.name}: {rgb.shape[1]}×{rgb.shape[0]}, {faces} face(s)")
         found.setdefault(faces, []).append(_Photo(path, path.read_bytes(), MEDIA_TYPES[path.suffix.lower()],
                                                   rgb.shape[1], rgb.shape[0], faces))
+    if named:
+        return [photo for photos in found.values() for photo in photos]
     chosen = []
     for count in plan.face_counts:
         if count not in found:
@@ -485,6 +494,8 @@ def _numbers(text: str, what: str, convert: Callable[[str], Any]) -> tuple[Any, 
 @click.option("--scales", "scales_text", default="4,2", show_default=True, help="Output scales (comma-separated).")
 @click.option("--faces", "faces_text", default="2,4", show_default=True,
               help="Face counts: one photo each (comma-separated).")
+@click.option("--photo", "photo_names", multiple=True, metavar="NAME",
+              help="Use this photo of the folder (repeatable) instead of choosing one per --faces count.")
 @click.option("--compute-slots", "slots_text", default=None,
               help="The service's [model_server] compute_slots, one service each (comma-separated; 0 = no "
                    "budget); the target is judged on the first.  [default: the config's]")
@@ -498,7 +509,8 @@ def _numbers(text: str, what: str, convert: Callable[[str], Any]) -> tuple[Any, 
               help="TOML file: presets, models, face_input_size; the service is started with it too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def local(photos_path: Path | None, preset: str | None, scales_text: str, faces_text: str, slots_text: str | None,
-          rounds: int, threads: int, batching: bool, config_path: Path | None, as_json: bool) -> None:
+          photo_names: tuple[str, ...], rounds: int, threads: int, batching: bool, config_path: Path | None,
+          as_json: bool) -> None:
     """The service against the same work in sequence, on this machine."""
     from chaoqing.bench.common import Report, Target, command_line, markdown_table, report
     from chaoqing.config import load_config
@@ -516,7 +528,7 @@ def local(photos_path: Path | None, preset: str | None, scales_text: str, faces_
     plan = LocalPlan(
         photos_path=photos_path, preset=preset or config.preset, scales=_numbers(scales_text, "--scales", float),
         face_counts=_numbers(faces_text, "--faces", int), compute_slots=slots, rounds=rounds, threads=threads,
-        config_path=config_path, batching=batching,
+        config_path=config_path, batching=batching, photo_names=photo_names,
     )
 
     def progress(message: str) -> None:
@@ -530,7 +542,7 @@ def local(photos_path: Path | None, preset: str | None, scales_text: str, faces_
     targets = [Target(f"service / script, {row['photo']} ({row['faces']} faces) ×{row['scale']:g}, "
                       f"compute_slots {judged}", row["ratio"], RATIO_TARGET)
                for row in rows if row["compute_slots"] == judged]
-    settings = {"photos": str(photos_path), "preset": plan.preset, "scales": list(plan.scales),
+    settings = {"photos": str(photos_path), "photo_names": list(photo_names), "preset": plan.preset, "scales": list(plan.scales),
                 "faces": list(plan.face_counts), "compute_slots": list(plan.compute_slots), "rounds": rounds,
                 "threads": threads, "config": str(config_path) if config_path else None}
     report(Report("local", command_line(), settings, rows, targets, {**extra, "batching": batching_rows}),
