@@ -18,7 +18,7 @@ import gevent
 import pytest
 from hypothesis import settings
 
-from chaoqing.config import Config, Preset
+from chaoqing.config import Config, JobSettings, Preset
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.remote import RemoteModels
 from chaoqing.gateway.server import GatewayServer
@@ -146,11 +146,13 @@ class SimGateway:
 
 
 @pytest.fixture
-def start_sim_gateway(start_model_server: Callable[..., ModelServer]) -> Iterator[Callable[..., SimGateway]]:
+def start_sim_gateway(
+    start_model_server: Callable[..., ModelServer], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., SimGateway]]:
     """``start_sim_gateway(upscale_ms=50, detect_ms=10, face_ms=20, faces=2, endpoints={...}, **config)``.
 
     ``endpoints`` replaces the URL of a model (e.g. with a fake); other keyword arguments
-    change the Config.
+    change the Config. The job spool is a fresh temporary folder unless ``jobs=`` says.
     """
     gateways: list[GatewayServer] = []
 
@@ -163,6 +165,7 @@ def start_sim_gateway(start_model_server: Callable[..., ModelServer]) -> Iterato
         }
         urls = {name: (server.url,) for name, server in servers.items()}
         urls.update(endpoints or {})
+        config_changes.setdefault("jobs", JobSettings(spool_dir=str(tmp_path_factory.mktemp("spool"))))
         config = Config(port=0, detector="sim-detector", presets=SIM_PRESETS, endpoints=urls, **config_changes)
         metrics = GatewayMetrics()
         server = GatewayServer(config, RemoteModels.from_config(config, metrics), metrics=metrics, watch_hub=False)

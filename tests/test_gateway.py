@@ -266,7 +266,8 @@ def test_a_failing_face_keeps_the_background_and_says_so(start_sim_gateway: Star
 def _is_infrastructure(greenlet: gevent.Greenlet) -> bool:
     """Servers' accept loops, health checkers and batchers outlive requests on purpose."""
     name = repr(greenlet)
-    return any(word in name for word in ("_health_loop", "_schedule_forever", "serve_forever", "_do_read", "handle", "_watch", "WSGIServer", "StreamServer", "_load"))
+    return any(word in name for word in ("_health_loop", "_schedule_forever", "serve_forever", "_do_read", "handle", "_watch", "WSGIServer", "StreamServer", "_load",
+                                           "_keep_spool"))
 
 
 @pytest.mark.parametrize(

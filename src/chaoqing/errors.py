@@ -24,6 +24,7 @@
      ├── DeadlineExceeded               504 deadline_exceeded
      ├── InferenceFailed                500 inference_failed      (model server: the runner raised)
      ├── RunnerError                    500 inference_failed      (a runner cannot be built or cannot compute)
+     ├── JobLost                        500 job_lost              (a job's gateways stopped while running it, max_attempts times)
      ├── DegenerateLandmarks            502 model_error           (a detector's landmarks admit no alignment)
      ├── ModelServerError               502 model_error           (gateway: a remote call failed)
      │    ├── ModelUnavailable          503 model_unavailable     (Retry-After; refused, unreachable, circuit open)
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTensorRequest",
     "JobHasNoResult",
+    "JobLost",
     "JobNotFinished",
     "JobNotFound",
     "MalformedMessage",
@@ -205,6 +207,11 @@ class RunnerError(ChaoqingError):
     """A runner cannot be built (missing weights, unusable device) or cannot compute."""
 
 
+class JobLost(ChaoqingError):
+    """A job's gateway stopped without releasing it (killed, crashed, out of memory) as often as
+    ``[jobs] max_attempts`` allows; the job is failed with this reason rather than run again."""
+
+
 class DegenerateLandmarks(ChaoqingError, ValueError):
     """The landmarks admit no alignment (coincident or non-finite points)."""
 
@@ -267,6 +274,7 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     BadModelResponse: HttpError(502, "model_error"),
     ModelServerError: HttpError(502, "model_error"),
     RunnerError: HttpError(500, "inference_failed"),
+    JobLost: HttpError(500, "job_lost"),
     DegenerateLandmarks: HttpError(502, "model_error"),
     GatewayError: HttpError(502, "gateway_error"),
     ConfigError: HttpError(500, "config_error"),

@@ -13,7 +13,7 @@ import os
 
 from chaoqing.config import load_config
 from chaoqing.errors import ConfigError
-from chaoqing.gateway.app import create_app
+from chaoqing.gateway.app import Gateway
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.pipeline import quiet_expected_errors
 from chaoqing.gateway.remote import RemoteModels
@@ -36,7 +36,9 @@ def build_app() -> object:
     quiet_expected_errors()
     remotes = RemoteModels.from_config(config, metrics)
     remotes.start_health_checks()
-    return create_app(config, remotes, metrics)
+    gateway = Gateway(config, remotes, metrics)
+    gateway.jobs.start()  # each worker runs jobs from the shared spool; a killed worker's are taken over
+    return gateway.app
 
 
 app = build_app()

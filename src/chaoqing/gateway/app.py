@@ -3,6 +3,11 @@
 Routes::
 
     POST /v1/enhance       image in (raw image/* body, or multipart field "image"), image out
+    POST /v1/jobs          the same in, 202 + Location: /v1/jobs/{id} (the photo is done in the background)
+    GET  /v1/jobs/{id}     the job: status, progress (stage, tiles, faces, elapsed, ETA), result or error
+    GET  /v1/jobs/{id}/result   the image of a done job
+    GET  /v1/jobs/{id}/events   the job as Server-Sent Events, until it ends
+    DELETE /v1/jobs/{id}   cancel a queued or running job; delete a finished one
     GET  /healthz          the process serves
     GET  /readyz           every model the presets need has a ready endpoint (else 503 + which)
     GET  /openapi.json     OpenAPI 3.1 of this API
@@ -39,6 +44,7 @@ from chaoqing.errors import (
     ChaoqingError,
     ImageTooLarge,
     InvalidParameter,
+    JobNotFound,
     Overloaded,
     ShuttingDown,
     SlowRequestBody,
@@ -47,13 +53,14 @@ from chaoqing.errors import (
     http_error_for,
     retry_after_for,
 )
+from chaoqing.gateway.jobs import JobService, job_document, key_digest
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.openapi import openapi_document
 from chaoqing.gateway.pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
 from chaoqing.gateway.remote import RemoteModels
 from chaoqing.protocol.listen import BODY_READ_KEY
 
-__all__ = ["Gateway", "create_app"]
+__all__ = ["Gateway", "create_app", "parse_enhance_options"]
 
 _log = logging.getLogger("chaoqing.gateway.app")
 _access_log = logging.getLogger("chaoqing.access")
@@ -105,6 +112,25 @@ def _parse_quality(raw: str | None) -> int | None:
     return quality
 
 
+def parse_enhance_options(request: falcon.Request, config: Config, request_id: str) -> EnhanceOptions:
+    """The photo's parameters from the query string, as /v1/enhance and /v1/jobs take them.
+
+    Raises InvalidParameter."""
+    preset = request.get_param("preset") or config.preset
+    if preset not in config.presets:
+        raise InvalidParameter(f"preset must be one of {', '.join(config.presets)}, not {preset!r}")
+    return EnhanceOptions(
+        scale=_parse_scale(request.get_param("scale"), config.scale),
+        faces=_parse_bool(request.get_param("faces"), "faces", True),
+        preset=preset,
+        output_format=_parse_choice(request.get_param("format"), "format", OUTPUT_FORMATS),
+        quality=_parse_quality(request.get_param("quality")),
+        request_id=request_id,
+        strip_metadata=_parse_bool(request.get_param("strip_metadata"), "strip_metadata", config.encode.strip_metadata),
+        strip_gps=_parse_bool(request.get_param("strip_gps"), "strip_gps", config.encode.strip_gps),
+    )
+
+
 def _parse_choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str | None:
     if raw is None or raw == "":
         return None
@@ -127,6 +153,7 @@ class Gateway:
         self._requests: set[greenlet] = set()  # the greenlets of admitted /v1/enhance requests
         self.stopping = False
         self._api_keys = tuple(key.encode() for key in config.api_keys)
+        self.jobs = JobService(config, self.services, self.metrics)
         self.app = _build_app(self)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -144,14 +171,23 @@ class Gateway:
         if not matched:
             raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
 
-    def read_image_body(self, request: falcon.Request) -> tuple[bytes, str | None]:
-        """The uploaded image bytes and their declared media type, bounded while reading.
+    def caller_key_sha256(self, request: falcon.Request) -> str:
+        """What a job keeps of the caller's API key (checked by :meth:`check_api_key` first):
+        its SHA-256; "" when no keys are configured."""
+        if not self._api_keys:
+            return ""
+        scheme, _, token = (request.get_header("Authorization") or "").partition(" ")
+        return key_digest(token.strip()) if scheme.lower() == "bearer" else ""
+
+    def read_image_body(self, request: falcon.Request, limit: int | None = None) -> tuple[bytes, str | None]:
+        """The uploaded image bytes and their declared media type, bounded while reading (by
+        ``limit``, else ``limits.max_body_bytes``).
 
         A Content-Length over the limit is refused before a byte is read, a chunked body as
         soon as it passes the limit, a body that trickles in after ``body_read_timeout_s``.
         Only a body read to its end is marked read (BODY_READ_KEY): any error before that
         closes the connection instead of reading and discarding the rest."""
-        limit = self.config.limits.max_body_bytes
+        limit = self.config.limits.max_body_bytes if limit is None else limit
         if request.content_length is not None and request.content_length > limit:
             raise ImageTooLarge(f"the upload is {request.content_length} bytes; the limit is {limit}")
         content_type = (request.content_type or "").split(";")[0].strip().lower()
@@ -335,19 +371,7 @@ class EnhanceResource:
         error_code = error_message = ""
         try:
             gateway.check_api_key(request)
-            if preset not in gateway.config.presets:
-                raise InvalidParameter(f"preset must be one of {', '.join(gateway.config.presets)}, not {preset!r}")
-            options = EnhanceOptions(
-                scale=_parse_scale(request.get_param("scale"), gateway.config.scale),
-                faces=_parse_bool(request.get_param("faces"), "faces", True),
-                preset=preset,
-                output_format=_parse_choice(request.get_param("format"), "format", OUTPUT_FORMATS),
-                quality=_parse_quality(request.get_param("quality")),
-                request_id=request_id,
-                strip_metadata=_parse_bool(request.get_param("strip_metadata"), "strip_metadata",
-                                           gateway.config.encode.strip_metadata),
-                strip_gps=_parse_bool(request.get_param("strip_gps"), "strip_gps", gateway.config.encode.strip_gps),
-            )
+            options = parse_enhance_options(request, gateway.config, request_id)
             gateway.admit()
             try:
                 data, media_type = gateway.read_image_body(request)
@@ -381,20 +405,109 @@ class EnhanceResource:
             _access_log.info("POST /v1/enhance %d", status, extra={"fields": fields})
         response.content_type = result.media_type
         response.data = result.data
-        response.set_header("Server-Timing", _server_timing(result.timings))
-        # faces off, or a preset without a face model: say so, rather than claim 0 faces were found
-        response.set_header("X-Face-Detection", "skipped" if result.face_detection_skipped else "done")
-        if not result.face_detection_skipped:
-            response.set_header("X-Faces-Detected", str(result.faces_detected))
-            response.set_header("X-Faces-Enhanced", str(result.faces_enhanced))
-            response.set_header("X-Faces-Over-Limit", str(result.faces_over_limit))
-        response.set_header("X-Output-Size", f"{result.width}x{result.height}")
-        response.set_header(
-            "Access-Control-Expose-Headers",
-            "Server-Timing, X-Face-Detection, X-Faces-Detected, X-Faces-Enhanced, X-Faces-Over-Limit, X-Request-Id, "
-            "X-Output-Size",
-        )
-        response.set_header("Timing-Allow-Origin", "*")
+        _set_photo_headers(response, result.timings, result.face_detection_skipped,
+                           (result.faces_detected, result.faces_enhanced, result.faces_over_limit),
+                           (result.width, result.height))
+
+
+def _set_photo_headers(
+    response: falcon.Response, timings: Mapping[str, float], face_detection_skipped: bool,
+    faces: tuple[int, int, int], size: tuple[int, int],
+) -> None:
+    """The headers of an enhanced photo (from /v1/enhance, or a job's result). ``faces``:
+    detected, enhanced, over the limit."""
+    response.set_header("Server-Timing", _server_timing(timings))
+    # faces off, or a preset without a face model: say so, rather than claim 0 faces were found
+    response.set_header("X-Face-Detection", "skipped" if face_detection_skipped else "done")
+    if not face_detection_skipped:
+        response.set_header("X-Faces-Detected", str(faces[0]))
+        response.set_header("X-Faces-Enhanced", str(faces[1]))
+        response.set_header("X-Faces-Over-Limit", str(faces[2]))
+    response.set_header("X-Output-Size", f"{size[0]}x{size[1]}")
+    response.set_header(
+        "Access-Control-Expose-Headers",
+        "Server-Timing, X-Face-Detection, X-Faces-Detected, X-Faces-Enhanced, X-Faces-Over-Limit, X-Request-Id, "
+        "X-Output-Size, Location",
+    )
+    response.set_header("Timing-Allow-Origin", "*")
+
+
+class JobsResource:
+    """POST /v1/jobs: the upload checked (parameters, limits, room in the spool) and stored."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_post(self, request: falcon.Request, response: falcon.Response) -> None:
+        gateway = self.gateway
+        request_id = _request_id(request)
+        response.set_header("X-Request-Id", request_id)
+        gateway.check_api_key(request)
+        options = parse_enhance_options(request, gateway.config, request_id)
+        if request.content_length is not None:  # refused before a byte is read
+            gateway.jobs.check_room(request.content_length)
+        data, media_type = gateway.read_image_body(request, gateway.config.jobs.max_body_bytes)
+        state = gateway.jobs.submit(data, media_type, options, gateway.caller_key_sha256(request))
+        response.status = 202
+        response.location = f"/v1/jobs/{state.id}"
+        response.set_header("Access-Control-Expose-Headers", "Location, X-Request-Id")
+        response.media = job_document(state)
+
+
+class JobResource:
+    """GET /v1/jobs/{id}: the job; DELETE: cancel it (or delete it once finished)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, request: falcon.Request, response: falcon.Response, job_id: str) -> None:
+        self.gateway.check_api_key(request)
+        state = self.gateway.jobs.find(job_id, self.gateway.caller_key_sha256(request))
+        response.media = job_document(state)
+        response.cache_control = ["no-store"]
+
+    def on_delete(self, request: falcon.Request, response: falcon.Response, job_id: str) -> None:
+        self.gateway.check_api_key(request)
+        status, state = self.gateway.jobs.cancel(job_id, self.gateway.caller_key_sha256(request))
+        response.status = status
+        if state is not None:
+            response.media = job_document(state)
+
+
+class JobResultResource:
+    """GET /v1/jobs/{id}/result: the image, streamed from the spool, with /v1/enhance's headers."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, request: falcon.Request, response: falcon.Response, job_id: str) -> None:
+        self.gateway.check_api_key(request)
+        state, chunks, size = self.gateway.jobs.open_result(job_id, self.gateway.caller_key_sha256(request))
+        result = state.result
+        if result is None:  # a done state always has one; a hand-edited spool might not
+            raise JobNotFound(f"no result for job {job_id}")
+        response.content_type = result.media_type
+        response.stream = chunks
+        response.content_length = size
+        response.set_header("X-Request-Id", state.request_id or state.id)
+        _set_photo_headers(response, {stage: ms / 1000 for stage, ms in result.timings_ms.items()},
+                           not state.progress.faces,
+                           (result.faces_detected, result.faces_enhanced, result.faces_over_limit),
+                           (result.width, result.height))
+
+
+class JobEventsResource:
+    """GET /v1/jobs/{id}/events: Server-Sent Events until the job ends."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def on_get(self, request: falcon.Request, response: falcon.Response, job_id: str) -> None:
+        self.gateway.check_api_key(request)
+        response.stream = self.gateway.jobs.events(job_id, self.gateway.caller_key_sha256(request))
+        response.content_type = "text/event-stream"
+        response.cache_control = ["no-cache"]
+        response.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
 
 
 class HealthResource:
@@ -505,6 +618,10 @@ def _build_app(gateway: Gateway) -> falcon.App[falcon.Request, falcon.Response]:
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = True
     app.add_route("/v1/enhance", EnhanceResource(gateway))
+    app.add_route("/v1/jobs", JobsResource(gateway))
+    app.add_route("/v1/jobs/{job_id}", JobResource(gateway))
+    app.add_route("/v1/jobs/{job_id}/result", JobResultResource(gateway))
+    app.add_route("/v1/jobs/{job_id}/events", JobEventsResource(gateway))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(gateway))
     app.add_route("/openapi.json", OpenApiResource(gateway))

@@ -2,7 +2,8 @@
 
 Requests by route/status/preset, latency per stage (the Server-Timing stages), faces per
 request, requests in flight, remote calls by model/endpoint/outcome with latency, circuit
-state per endpoint, and hub blocking events reported by gevent's monitor thread.
+state per endpoint, hub blocking events reported by gevent's monitor thread, and jobs
+(submitted, running here, ended by how, in the spool by status, the spool's bytes).
 :class:`GatewayMetrics` is also the remote client's :class:`chaoqing.gateway.remote.CallObserver`.
 """
 
@@ -68,6 +69,18 @@ class GatewayMetrics:
             "chaoqing_hub_blocked_seconds", "Approximate time the hub was blocked (reports × monitor period)",
             registry=registry,
         )
+
+        self.jobs_submitted = Counter("chaoqing_jobs_submitted", "Jobs this process accepted (POST /v1/jobs)",
+                                      registry=registry)
+        self.jobs_running = Gauge("chaoqing_jobs_running", "Jobs this process is running", registry=registry)
+        self.jobs_ended = Counter(
+            "chaoqing_jobs_ended", "Runs this process ended: done, failed, cancelled, released (an orderly stop), "
+            "taken_over (its heartbeat stalled and another gateway took the job)", ["outcome"], registry=registry,
+        )
+        self.jobs_in_spool = Gauge("chaoqing_jobs_in_spool", "Jobs in the spool by status, at this process's last look",
+                                   ["status"], registry=registry)
+        self.jobs_spool_bytes = Gauge("chaoqing_jobs_spool_bytes", "Bytes of inputs and results in the spool, at this "
+                                      "process's last look", registry=registry)
 
     # -- the remote client's observer -----------------------------------------------------
 

@@ -17,7 +17,10 @@ ERROR_CODES = (
     "invalid_image", "invalid_parameter", "unauthorized", "image_too_large", "unsupported_media_type",
     "request_timeout", "not_found", "method_not_allowed", "invalid_request", "model_error", "model_unavailable",
     "overloaded", "deadline_exceeded", "internal_error",
+    "job_not_found", "job_not_finished", "job_has_no_result", "spool_full",
 )
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STAGES = ("decode", "enhance", "composite", "encode")
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
@@ -33,6 +36,166 @@ def _error_response(description: str, retry_after: bool = False) -> dict[str, An
             "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
         }
     return response
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+
+
+def _job_paths(config: Config, enhance_parameters: list[Any], upload_body: dict[str, Any],
+               image_headers: dict[str, Any], security: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """/v1/jobs and /v1/jobs/{job_id}[/result|/events] (docs/jobs.md)."""
+    jobs = config.jobs
+    job_id = {"name": "job_id", "in": "path", "required": True, "description": "The id POST /v1/jobs gave",
+              "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+    not_found = _error_response("job_not_found: no such job, or another API key's")
+    unauthorized = _error_response("unauthorized: API key missing or wrong")
+    return {
+        "/v1/jobs": {
+            "post": {
+                "operationId": "createJob",
+                "summary": "Enhance one photo in the background; follow it at Location",
+                "description": (
+                    "The same parameters and body as /v1/enhance. The job's own limits: "
+                    f"{jobs.max_body_bytes} bytes, {jobs.max_input_pixels} input pixels, {jobs.max_output_pixels} "
+                    f"output pixels, {jobs.deadline_s:g} s per run. Results are kept {jobs.result_ttl_s:g} s."
+                ),
+                "security": security,
+                "parameters": enhance_parameters,
+                "requestBody": upload_body,
+                "responses": {
+                    "202": {
+                        "description": "Accepted: queued",
+                        "headers": {"Location": {"description": "/v1/jobs/{job_id}", "schema": {"type": "string"}},
+                                    "X-Request-Id": {"schema": {"type": "string"}}},
+                        "content": _json("Job"),
+                    },
+                    "400": _error_response("invalid_image or invalid_parameter"),
+                    "401": unauthorized,
+                    "408": _error_response("request_timeout: the upload did not arrive in time"),
+                    "413": _error_response("image_too_large: over the job limits, or larger than the whole spool"),
+                    "415": _error_response("unsupported_media_type"),
+                    "500": _error_response("internal_error"),
+                    "503": _error_response("spool_full: the spool is at max_jobs or max_bytes", retry_after=True),
+                },
+            }
+        },
+        "/v1/jobs/{job_id}": {
+            "parameters": [job_id],
+            "get": {
+                "operationId": "getJob",
+                "summary": "The job: status, progress (stage, tiles, faces, elapsed, ETA), result or error",
+                "security": security,
+                "responses": {"200": {"description": "The job", "content": _json("Job")},
+                              "401": unauthorized, "404": not_found},
+            },
+            "delete": {
+                "operationId": "deleteJob",
+                "summary": "Cancel a queued or running job (it keeps its state until it expires); delete a finished one",
+                "security": security,
+                "responses": {
+                    "200": {"description": "Cancelled", "content": _json("Job")},
+                    "202": {"description": "Cancel asked of the gateway running it, not yet confirmed",
+                            "content": _json("Job")},
+                    "204": {"description": "The finished job and its result are deleted"},
+                    "401": unauthorized,
+                    "404": not_found,
+                },
+            },
+        },
+        "/v1/jobs/{job_id}/result": {
+            "parameters": [job_id],
+            "get": {
+                "operationId": "getJobResult",
+                "summary": "The enhanced photo of a done job",
+                "security": security,
+                "responses": {
+                    "200": {"description": "The enhanced photo", "headers": image_headers,
+                            "content": {media_type: {"schema": {"type": "string",
+                                                                "contentMediaType": "application/octet-stream"}}
+                                        for media_type in IMAGE_TYPES}},
+                    "401": unauthorized,
+                    "404": not_found,
+                    "409": _error_response("job_not_finished (queued or running; Retry-After), or "
+                                           "job_has_no_result (failed or cancelled)", retry_after=True),
+                },
+            },
+        },
+        "/v1/jobs/{job_id}/events": {
+            "parameters": [job_id],
+            "get": {
+                "operationId": "getJobEvents",
+                "summary": "The job as Server-Sent Events: 'progress' at each change, then 'done', 'failed' or "
+                           "'cancelled'; each event's data is the Job",
+                "security": security,
+                "responses": {
+                    "200": {"description": "text/event-stream until the job ends",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "401": unauthorized,
+                    "404": not_found,
+                    "503": _error_response("overloaded: too many event streams open", retry_after=True),
+                },
+            },
+        },
+    }
+
+
+def _job_schemas() -> dict[str, Any]:
+    nullable_int = {"type": ["integer", "null"]}
+    counter = {"type": "object", "required": ["done", "total"],
+               "properties": {"done": {"type": "integer"}, "total": nullable_int}}
+    time_or_null = {"type": ["string", "null"], "format": "date-time"}
+    return {
+        "Job": {
+            "type": "object",
+            "required": ["id", "status", "created", "started", "finished", "expires", "parameters", "input",
+                         "progress", "attempts", "error", "result", "links"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                "status": {"type": "string", "enum": list(JOB_STATUSES)},
+                "created": {"type": "string", "format": "date-time"},
+                "started": time_or_null,
+                "finished": time_or_null,
+                "expires": {**time_or_null, "description": "When a finished job is removed"},
+                "parameters": {"type": "object", "description": "As given to POST (defaults filled in)"},
+                "input": {"type": "object", "required": ["media_type", "bytes", "width", "height"], "properties": {
+                    "media_type": {"type": "string"}, "bytes": {"type": "integer"},
+                    "width": {"type": "integer"}, "height": {"type": "integer"}}},
+                "progress": {
+                    "type": "object",
+                    "required": ["stage", "tiles", "faces", "elapsed_s", "eta_s", "eta_basis"],
+                    "properties": {
+                        "stage": {"enum": [*JOB_STAGES, None]},
+                        "tiles": {"oneOf": [{"type": "null"}, counter],
+                                  "description": "The background's model calls; null before they are planned"},
+                        "faces": {"oneOf": [{"type": "null"}, counter],
+                                  "description": "null: faces are not enhanced; total null: not detected yet"},
+                        "elapsed_s": {"type": ["number", "null"]},
+                        "eta_s": {"type": ["number", "null"], "description": "Seconds left; null when unknown"},
+                        "eta_basis": {"enum": ["measured", "estimate", None]},
+                    },
+                },
+                "attempts": {"type": "integer", "description": "Runs started"},
+                "error": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["code", "message", "status"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                   "status": {"type": "integer"}}}]},
+                "result": {"oneOf": [{"type": "null"}, {
+                    "type": "object",
+                    "required": ["media_type", "bytes", "width", "height", "faces_detected", "faces_enhanced",
+                                 "faces_over_limit", "timings_ms"],
+                    "properties": {
+                        "media_type": {"type": "string"}, "bytes": {"type": "integer"},
+                        "width": {"type": "integer"}, "height": {"type": "integer"},
+                        "faces_detected": {"type": "integer"}, "faces_enhanced": {"type": "integer"},
+                        "faces_over_limit": {"type": "integer"},
+                        "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+                    }}]},
+                "links": {"type": "object", "required": ["self", "result", "events"], "properties": {
+                    "self": {"type": "string"}, "result": {"type": "string"}, "events": {"type": "string"}}},
+            },
+        },
+    }
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
@@ -78,6 +241,20 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                "schema": {"type": "string"}},
     }
     security: list[dict[str, list[str]]] = [{"bearer": []}] if config.api_keys else []
+    upload_body = {
+        "required": True,
+        "content": {
+            **{media_type: {"schema": binary} for media_type in UPLOAD_TYPES},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": binary},
+                },
+                "encoding": {"image": {"contentType": ", ".join(UPLOAD_TYPES)}},
+            },
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -98,20 +275,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "summary": "Enhance one photo",
                     "security": security,
                     "parameters": enhance_parameters,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            **{media_type: {"schema": binary} for media_type in UPLOAD_TYPES},
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["image"],
-                                    "properties": {"image": binary},
-                                },
-                                "encoding": {"image": {"contentType": ", ".join(UPLOAD_TYPES)}},
-                            },
-                        },
-                    },
+                    "requestBody": upload_body,
                     "responses": {
                         "200": {
                             "description": "The enhanced photo",
@@ -130,6 +294,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     },
                 }
             },
+            **_job_paths(config, enhance_parameters, upload_body, image_headers, security),
             "/healthz": {
                 "get": {
                     "operationId": "health",
@@ -190,6 +355,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "models": {"type": "object", "additionalProperties": {"type": "boolean"}},
                     },
                 },
+                **_job_schemas(),
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },

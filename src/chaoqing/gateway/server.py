@@ -8,7 +8,9 @@ stops gracefully (:meth:`GatewayServer.stop`): the listener closes; requests in 
 ``shutdown_grace_s`` to finish, and a request arriving on a kept-alive connection meanwhile
 is answered 503 ``shutting_down``; what still runs after the grace is answered 503
 ``shutting_down`` with Retry-After; then the model-server children are stopped and a final
-"stopped" line is logged.
+"stopped" line is logged. The job runner (:mod:`chaoqing.gateway.jobs`) starts with the server;
+a stop releases its running jobs at once (back to queued, for another gateway sharing the
+spool or the next start) and ends the event streams.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ class GatewayServer:
     def start(self) -> None:
         self.remotes.start_health_checks()
         self._server.start()
+        self.gateway.jobs.start()
 
     def serve_forever(self) -> None:
         """Serve until :meth:`stop` has finished. (gevent's own serve_forever wakes when the
@@ -214,6 +217,7 @@ class GatewayServer:
         try:
             self._server.close()  # the listener: new connections are refused from here on
             self.gateway.begin_shutdown()
+            self.gateway.jobs.stop()  # jobs may run for hours: released now, not after the grace
             if not responses.wait_idle(grace_s):
                 cancelled = self.gateway.cancel_in_flight()
                 if cancelled:
