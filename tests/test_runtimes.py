@@ -230,9 +230,9 @@ def test_onnxruntime_providers_follow_the_device(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(10)
-def test_torch_chooses_fp16_and_channels_last_on_a_gpu_only() -> None:
+def test_torch_chooses_fp16_on_a_gpu_only_and_channels_last_everywhere() -> None:
     assert torch_options(Device("cuda", 0)) == TorchOptions(half=True, channels_last=True)
-    assert torch_options(Device("cpu")) == TorchOptions(half=False, channels_last=False)
+    assert torch_options(Device("cpu")) == TorchOptions(half=False, channels_last=True)
 
 
 @pytest.mark.slow
@@ -266,9 +266,9 @@ def test_torch_cuda_path_on_the_cpu_fp16_channels_last(face_crop: np.ndarray) ->
     assert output.dtype == np.uint8 and output.shape == (128, 128, 3)
     # fp16 keeps 11 significant bits: a few levels at most where fp32 keeps one
     assert levels_apart(output, reference) <= 4
-    channels_last = UpscalerRunner(model, TorchBackend.for_model(model, Device("cpu"), TorchOptions(channels_last=True),
-                                                                  threads=2), runtime="torch", device="cpu")
-    assert levels_apart(upscale_one(channels_last, crop), reference) <= ONE_LEVEL
+    contiguous = UpscalerRunner(model, TorchBackend.for_model(model, Device("cpu"), TorchOptions(), threads=2),
+                                runtime="torch", device="cpu")
+    assert levels_apart(upscale_one(contiguous, crop), reference) <= ONE_LEVEL
 
 
 @pytest.mark.timeout(30)
