@@ -9,6 +9,9 @@ import dataclasses
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,7 +179,8 @@ def test_a_job_waits_queued_while_max_running_jobs_run(start_sim_gateway: StartG
     assert "Retry-After" in not_yet.headers
     OpenApiChecker(gateway).check("/v1/jobs/{job_id}/result", "get", not_yet)
     assert _wait_for(gateway, first["id"], ("done",))["status"] == "done"
-    assert _wait_for(gateway, second["id"], ("done",))["status"] == "done"
+    finished = _wait_for(gateway, second["id"], ("done",))
+    assert finished["result"]["faces_detected"] is None, "detection was skipped, not 0 faces found"
 
 
 def test_a_model_error_fails_the_job_with_its_reason(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
@@ -268,7 +272,9 @@ def test_a_job_is_seen_only_with_the_key_that_made_it(start_sim_gateway: StartGa
         anonymous = requests.get(f"{gateway.url}/v1/jobs/{job['id']}{path}", timeout=10)
         assert anonymous.status_code == 401, path
     assert requests.delete(f"{gateway.url}/v1/jobs/{job['id']}", headers=key_b, timeout=10).status_code == 404
-    assert requests.get(f"{gateway.url}/v1/jobs/{job['id']}/result", headers=key_a, timeout=10).status_code == 200
+    mine = requests.get(f"{gateway.url}/v1/jobs/{job['id']}/result", headers=key_a, timeout=10)
+    assert mine.status_code == 200 and mine.headers["X-Face-Detection"] == "skipped"
+    assert "X-Faces-Detected" not in mine.headers
     stored = json.loads((tmp_path / "jobs" / job["id"] / "state.json").read_text())
     assert stored["key_sha256"] == key_digest("key-a") and "key-a" not in json.dumps(stored)
     unknown = requests.get(f"{gateway.url}/v1/jobs/{'0' * 32}", headers=key_a, timeout=10)
@@ -322,6 +328,32 @@ def test_a_job_left_running_by_a_dead_gateway_runs_again_or_fails_with_the_reaso
     assert _job(gateway, live_elsewhere).json()["status"] == "running", "a fresh heartbeat is left alone"
     assert _wait_for(gateway, live_elsewhere, ("done",), within_s=10)["attempts"] == 2, "...until it goes stale"
     assert (tmp_path / "jobs" / live_elsewhere / f"{RUN_PREFIX}2").exists()
+
+
+def test_a_job_whose_gateway_process_is_gone_is_taken_over_without_waiting_for_its_heartbeat(
+    start_sim_gateway: StartGateway, tmp_path: Path
+) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    job_id = _abandoned_job(Spool(tmp_path), f"{socket.gethostname()}:{gone}:0dead", lost=0, heartbeat_age_s=0.0)
+    gateway = start_sim_gateway(faces=0, upscale_ms=5, jobs=_settings(tmp_path))  # heartbeat_timeout_s: 30 s
+    started = time.monotonic()
+    done = _wait_for(gateway, job_id, ("done", "failed"), within_s=10)
+    assert done["status"] == "done" and done["attempts"] == 2
+    assert time.monotonic() - started < 10, "a process known dead on this host is not waited for"
+
+
+def test_delete_on_another_gateway_cancels_the_job_where_it_runs(
+    start_sim_gateway: StartGateway, tmp_path: Path
+) -> None:
+    runner = start_sim_gateway(faces=0, upscale_ms=20_000, jobs=_settings(tmp_path))
+    other = start_sim_gateway(faces=0, upscale_ms=5, jobs=_settings(tmp_path, max_running=1))
+    job = _submit(runner, SMALL_PHOTO, "?preset=fast").json()
+    assert eventually(lambda: runner.server.gateway.jobs.running == 1, 10)
+    cancelled = requests.delete(f"{other.url}/v1/jobs/{job['id']}", timeout=15)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    assert runner.server.gateway.jobs.running == 0, "the gateway that ran it stopped it"
+    assert _job(runner, job["id"]).json()["status"] == "cancelled"
 
 
 def test_two_gateways_on_one_spool_never_run_a_job_twice(start_sim_gateway: StartGateway, tmp_path: Path) -> None:

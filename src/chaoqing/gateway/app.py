@@ -491,8 +491,8 @@ class JobResultResource:
         response.content_length = size
         response.set_header("X-Request-Id", state.request_id or state.id)
         _set_photo_headers(response, {stage: ms / 1000 for stage, ms in result.timings_ms.items()},
-                           not state.progress.faces,
-                           (result.faces_detected, result.faces_enhanced, result.faces_over_limit),
+                           result.faces_detected is None,
+                           (result.faces_detected or 0, result.faces_enhanced, result.faces_over_limit),
                            (result.width, result.height))
 
 

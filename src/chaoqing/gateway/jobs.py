@@ -89,7 +89,6 @@ from chaoqing.gateway.pipeline import (
     enhance_photo,
 )
 from chaoqing.gateway.stages.decode import (
-    ImageInfo,
     check_media_type,
     check_output_size,
     probe_image,
@@ -199,7 +198,7 @@ class JobResult:
     bytes: int
     width: int
     height: int
-    faces_detected: int
+    faces_detected: int | None  # None: detection was skipped (faces off, or no face model)
     faces_enhanced: int
     faces_over_limit: int
     timings_ms: Mapping[str, float] = field(default_factory=dict)
@@ -252,10 +251,10 @@ class JobState:
     def from_json(cls, raw: bytes) -> JobState:
         """Raises ValueError (or KeyError, TypeError) for a state that is not one."""
         payload = json.loads(raw)
-        payload.pop("layout", None)
         error, result = payload.pop("error", None), payload.pop("result", None)
+        plain = {item.name for item in dataclasses.fields(cls)} - {"status", "input", "progress", "error", "result"}
         return cls(
-            **{key: value for key, value in payload.items() if key not in ("status", "input", "progress")},
+            **{key: value for key, value in payload.items() if key in plain},  # a later layout's extras are ignored
             status=JobStatus(payload["status"]),
             input=JobInput(**payload["input"]),
             progress=JobProgress(**payload.get("progress") or {}),
@@ -691,7 +690,8 @@ class JobService:
         another gateway or the next start; waits up to STOP_TIMEOUT_S for their last writes."""
         self.stopping = True
         self._wake.set()
-        if self._keeper is not None:
+        if self._keeper is not None:  # it ends at its next look (a claim it is making is finished first)
+            self._keeper.join(timeout=STOP_TIMEOUT_S)
             self._keeper.kill(block=True, timeout=STOP_TIMEOUT_S)
         enders = [gevent.spawn(self._end, owned, _Ending.RELEASED) for owned in list(self._owned.values())]
         gevent.joinall(enders, timeout=STOP_TIMEOUT_S)
@@ -704,15 +704,16 @@ class JobService:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def probe(self, data: bytes, media_type: str | None, options: EnhanceOptions) -> ImageInfo:
-        """Refuse at once what the job would fail on: not an image, over the job limits.
+    def probe(self, data: bytes, media_type: str | None, options: EnhanceOptions) -> JobInput:
+        """Refuse at once what the job would fail on: not an image, over the job limits; the
+        upload as the job records it (the media type its bytes say).
 
         Raises UnsupportedMediaType, InvalidImage, ImageTooLarge, InvalidParameter."""
         limits = self.pipeline.config.limits
-        check_media_type(media_type, data)
+        sniffed = check_media_type(media_type, data)
         info = _offload(probe_image, data, limits)
         check_output_size(info.width, info.height, options.scale, limits)
-        return info
+        return JobInput(sniffed, len(data), info.width, info.height)
 
     def check_room(self, upload_bytes: int) -> None:
         """Raises SpoolFull when one more job of ``upload_bytes`` would pass ``max_jobs`` or
@@ -732,13 +733,13 @@ class JobService:
 
         Raises what :meth:`probe` and :meth:`check_room` raise, and SpoolFull when the spool
         cannot be written (OSError: full disk, read-only)."""
-        info = self.probe(data, media_type, options)
+        upload = self.probe(data, media_type, options)
         parameters = {key: value for key, value in dataclasses.asdict(options).items() if key != "request_id"}
         job_id = secrets.token_hex(16)
         now = time.time()
         state = JobState(
             id=job_id, status=JobStatus.QUEUED, created=now, parameters=parameters,
-            input=JobInput(check_media_type(media_type, data), len(data), info.width, info.height),
+            input=upload,
             request_id=options.request_id, key_sha256=key_sha256,
             progress=JobProgress(faces=self._faces_enhanced(options)),
         )
@@ -752,7 +753,7 @@ class JobService:
                                 retry_after_s=SPOOL_FULL_RETRY_AFTER_S) from None
             self._sizes[job_id] = state.spool_bytes
         self.metrics.jobs_submitted.inc()
-        _log.info("job %s queued: %d bytes, %d×%d, preset %s, ×%g", job_id, len(data), info.width, info.height,
+        _log.info("job %s queued: %d bytes, %d×%d, preset %s, ×%g", job_id, len(data), upload.width, upload.height,
                   options.preset, options.scale)
         self._wake.set()
         return state
@@ -1042,7 +1043,11 @@ class JobService:
             final = current.replace(status=JobStatus.QUEUED, owner="", progress=_fresh(current))
         if owned.offer_final(final) and owned.greenlet is not None:
             owned.greenlet.kill(block=True, timeout=STOP_TIMEOUT_S)
-        written: JobState | None = owned.final.get(timeout=STOP_TIMEOUT_S * 2)
+        try:
+            written: JobState | None = owned.final.get(timeout=STOP_TIMEOUT_S * 2)
+        except gevent.Timeout:  # its writer is stuck on the spool; the heartbeat stops, and a gateway takes over
+            _log.warning("job %s: its last state was not written within %g s", owned.id, STOP_TIMEOUT_S * 2)
+            return None
         return written
 
     # -- helpers ------------------------------------------------------------------------------
@@ -1123,7 +1128,8 @@ def _job_error(error: BaseException, message: str | None = None) -> JobFailure:
 def _job_result(result: EnhanceResult) -> JobResult:
     return JobResult(
         media_type=result.media_type, bytes=len(result.data), width=result.width, height=result.height,
-        faces_detected=result.faces_detected, faces_enhanced=result.faces_enhanced,
+        faces_detected=None if result.face_detection_skipped else result.faces_detected,
+        faces_enhanced=result.faces_enhanced,
         faces_over_limit=result.faces_over_limit,
         timings_ms={stage: round(seconds * 1000, 1) for stage, seconds in result.timings.items()},
     )

@@ -187,7 +187,8 @@ def _job_schemas() -> dict[str, Any]:
                     "properties": {
                         "media_type": {"type": "string"}, "bytes": {"type": "integer"},
                         "width": {"type": "integer"}, "height": {"type": "integer"},
-                        "faces_detected": {"type": "integer"}, "faces_enhanced": {"type": "integer"},
+                        "faces_detected": {"type": ["integer", "null"], "description": "null: detection was skipped"},
+                        "faces_enhanced": {"type": "integer"},
                         "faces_over_limit": {"type": "integer"},
                         "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
                     }}]},
