@@ -136,6 +136,7 @@ def test_a_job_rises_in_steps_to_done_and_its_result_is_what_enhance_gives(
         gevent.sleep(0.03)
     reader.join(timeout=10)
     assert polled[-1]["status"] == "done", polled[-1]
+    assert eventually(lambda: gateway.server.gateway.jobs.event_streams == 0), "the ended stream is still counted"
 
     tiles = [state["progress"]["tiles"]["done"] for state in polled if state["progress"]["tiles"]]
     total = polled[-1]["progress"]["tiles"]["total"]
@@ -287,7 +288,19 @@ def test_a_gateway_stopped_mid_job_releases_it_and_the_next_one_finishes_it(
     first = start_sim_gateway(faces=0, upscale_ms=TILE_LATENCY_MS, tiles=SMALL_TILES, jobs=_settings(tmp_path))
     job = _submit(first, query="?preset=fast").json()
     assert eventually(lambda: (_job(first, job["id"]).json()["progress"]["tiles"] or {}).get("done", 0) >= 1, 10)
-    first.server.stop(grace_s=1.0)
+    streamed: list[str] = []
+
+    def read_stream() -> None:
+        with requests.get(f"{first.url}{job['links']['events']}", stream=True, timeout=30) as response:
+            streamed.extend(name for name, _ in _events(response))
+
+    reader = gevent.spawn(read_stream)
+    assert eventually(lambda: bool(streamed))
+    stopping = time.monotonic()
+    first.server.stop(grace_s=30.0)
+    assert time.monotonic() - stopping < 10, "an open event stream held the stop up"
+    reader.join(timeout=5)
+    assert reader.dead and "done" not in streamed, streamed
     stored = Spool(tmp_path).read_state(job["id"])
     assert stored is not None and stored.status is JobStatus.QUEUED and stored.lost == 0, stored
     second = start_sim_gateway(faces=0, upscale_ms=5, tiles=SMALL_TILES, jobs=_settings(tmp_path))
