@@ -166,6 +166,20 @@ def test_a_job_rises_in_steps_to_done_and_its_result_is_what_enhance_gives(
     assert result.headers["Content-Type"] == direct.headers["Content-Type"] == "image/png"
 
 
+def test_an_alpha_channel_adds_its_own_tiles_to_the_count(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway = start_sim_gateway(faces=0, upscale_ms=5, tiles=SMALL_TILES, jobs=_settings(tmp_path))
+    rgb = np.asarray(Image.open(io.BytesIO(PHOTO)))
+    alpha = np.tile(np.linspace(0, 255, rgb.shape[1], dtype=np.uint8), (rgb.shape[0], 1))
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha])).save(buffer, "PNG")
+    totals = []
+    for body in (PHOTO, buffer.getvalue()):
+        done = _wait_for(gateway, _submit(gateway, body, "?preset=fast").json()["id"], ("done", "failed"))
+        assert done["status"] == "done", done
+        totals.append(done["progress"]["tiles"])
+    assert totals[1] == {"done": 2 * totals[0]["total"], "total": 2 * totals[0]["total"]}, totals
+
+
 def test_a_job_waits_queued_while_max_running_jobs_run(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
     gateway = start_sim_gateway(upscale_ms=600, faces=0, jobs=_settings(tmp_path, max_running=1))
     first = _submit(gateway, SMALL_PHOTO, "?preset=fast").json()
