@@ -45,8 +45,7 @@ GOOD = "good"  # any behaviour FakeV2Server does not know answers correctly
 
 # Long-lived greenlets of servers, health checkers and batchers (not left over by requests)
 INFRASTRUCTURE = ("_health_loop", "_keep_spool", "_schedule_forever", "serve_forever", "_do_read", "handle", "_watch",
-                  "WSGIServer", "StreamServer", "_load", "accept", "_run_batches", "Batcher",
-                  "_keep_spool")  # the job runner's look at the spool, once a second
+                  "WSGIServer", "StreamServer", "_load", "accept", "_run_batches", "Batcher")
 
 
 def _photo(width: int = 160, height: int = 120) -> bytes:
