@@ -34,6 +34,7 @@ from typing import Any
 
 import click
 
+from chaoqing.config import PRESETS
 from chaoqing.errors import BenchError
 
 __all__ = [
@@ -237,14 +238,14 @@ def _toml_string(value: str) -> str:
 def write_gateway_config(directory: Path, endpoints: Mapping[str, str], *, upscaler: str, face_model: str | None,
                          detector: str, max_in_flight: int = 64, request_deadline_s: float = 120.0,
                          extra: Mapping[str, Any] | None = None) -> Path:
-    """A gateway TOML whose three presets all use ``upscaler`` (and ``face_model`` for
-    balanced/quality; fast never enhances faces) and name every endpoint, as gunicorn needs."""
+    """A gateway TOML whose built-in presets all use ``upscaler`` (and ``face_model`` for those
+    that enhance faces; fast and anime never do) and name every endpoint, as gunicorn needs."""
     lines = ['host = "127.0.0.1"', "port = 0", f"detector = {_toml_string(detector)}", f"max_in_flight = {max_in_flight}",
              f"request_deadline_s = {request_deadline_s}"]
     for key, value in (extra or {}).items():
         lines.append(f"{key} = {json.dumps(value)}")
-    for preset in ("fast", "balanced", "quality"):
-        faces = "" if preset == "fast" or face_model is None else face_model
+    for preset, built_in in PRESETS.items():  # every one: a preset left out keeps its real models
+        faces = "" if built_in.face_model is None or face_model is None else face_model
         lines += ["", f"[presets.{preset}]", f"upscaler = {_toml_string(upscaler)}", f"face_model = {_toml_string(faces)}"]
     lines += ["", "[endpoints]"]
     for model, url in endpoints.items():

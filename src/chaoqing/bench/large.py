@@ -40,7 +40,7 @@ from typing import Any
 
 import click
 
-from chaoqing.config import TileSettings
+from chaoqing.config import PRESETS, TileSettings
 
 __all__ = ["large", "mean_step_across", "mirrored_photo", "psnr", "run_large", "run_seams", "seams"]
 
@@ -124,7 +124,7 @@ def _write_config(directory: Path, upscaler: str, endpoints: Sequence[str], tile
     lines = [f"request_deadline_s = {BENCH_DEADLINE_S}", "", "[tiles]"]
     lines += [f"{key} = {value}" for key, value in tiles.items()]
     lines += ["", "[model_server]", "sim_latency_ms = 0"]
-    for preset in ("fast", "balanced", "quality"):
+    for preset in PRESETS:  # every built-in one: a preset left out keeps its real models
         lines += ["", f"[presets.{preset}]", f"upscaler = {json.dumps(upscaler)}", 'face_model = ""']
     if endpoints:
         lines += ["", "[endpoints]", f"{json.dumps(upscaler)} = {json.dumps(list(endpoints))}"]

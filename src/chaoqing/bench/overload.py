@@ -74,7 +74,7 @@ face_model = "sim-face"
 
 [presets.anime]
 upscaler = "sim-upscale-x4"
-face_model = "sim-face"
+face_model = ""
 """
 
 
