@@ -26,8 +26,16 @@ from conftest import run_cli
 from PIL import Image
 from skimage import data
 
-from chaoqing.config import MODEL_RUNTIMES, Config, ModelServerSettings, Preset, RemoteSettings
-from chaoqing.errors import RunnerError, SupervisorError
+from chaoqing.config import (
+    MODEL_RUNTIMES,
+    Config,
+    ModelServerSettings,
+    Preset,
+    RemoteSettings,
+    config_from_mapping,
+    load_config,
+)
+from chaoqing.errors import ConfigError, RunnerError, SupervisorError
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.remote import RemoteModel, RemoteModels
 from chaoqing.gateway.server import GatewayServer
@@ -106,6 +114,40 @@ def start_gateway(upscaler: str, url: str) -> GatewayServer:
 @pytest.mark.timeout(10)
 def test_the_config_names_the_same_runtimes_as_the_runners() -> None:
     assert MODEL_RUNTIMES == tuple(RUNTIMES)
+
+
+@pytest.mark.timeout(10)
+def test_runtimes_are_configured_for_all_models_and_per_model() -> None:
+    toml = """
+[model_server]
+runtime = "onnxruntime"
+[model_server.runtimes]
+"realesrgan_x4plus" = "torch"
+[model_server.devices]
+"realesrgan-x4plus" = "cuda:1"
+"""
+    import tomllib
+
+    settings = config_from_mapping(tomllib.loads(toml)).model_server
+    assert settings.runtime_for(PLUS_X4) == "torch" and settings.device_for(PLUS_X4) == "cuda:1"
+    assert settings.runtime_for(COMPACT_X4) == "onnxruntime" and settings.device_for(COMPACT_X4) == "cpu"
+    from_environment = load_config(environ={"CHAOQING_MODEL_SERVER__RUNTIMES": f"{SPAN_X4}=openvino, {PLUS_X4}=ncnn"})
+    assert dict(from_environment.model_server.runtimes) == {SPAN_X4: "openvino", PLUS_X4: "ncnn"}
+    with pytest.raises(ConfigError, match="model_server.runtimes.realesrgan-x4plus: 'tf' is not one of ncnn"):
+        load_config(environ={"CHAOQING_MODEL_SERVER__RUNTIMES": f"{PLUS_X4}=tf"})
+    with pytest.raises(ConfigError, match="is not MODEL=VALUE"):
+        load_config(environ={"CHAOQING_MODEL_SERVER__RUNTIMES": "torch"})
+
+
+@pytest.mark.timeout(10)
+def test_the_anime_preset_uses_the_anime_model_and_no_new_model() -> None:
+    config = Config()
+    anime = config.presets["anime"]
+    assert anime.upscaler == COMPACT_X4 and anime.face_model is None
+    assert set(config.models_needed("anime")) <= set(config.models_needed("balanced"))
+    # Real-ESRGAN's illustration model is there to name for faces
+    custom = config_from_mapping({"presets": {"anime": {"face_model": "realesrgan-x4plus-anime"}}})
+    assert custom.presets["anime"].face_model in UPSCALERS
 
 
 @pytest.mark.timeout(10)
