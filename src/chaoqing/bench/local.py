@@ -7,7 +7,8 @@ one run and alternating (a shared machine drifts by more than the difference mea
   HTTP): decode; the preset's upscaler on the whole photo (the runner tiles it itself) and
   a resize to the output size; the detector; per face the gateway's own alignment, crop size
   (``face_input_size``, 128 px), face model, inverse warp and soft mask; composite; encode.
-  Its runners use every core (``--threads``, 0 = the cores this process may use), as a
+  Its runners use the runtime and device the config gives each model, as the service's
+  children do, and every core (``--threads``, 0 = the cores this process may use), as a
   script with nothing else to run would. This is what the Real-ESRGAN / GFPGAN tools do.
 - **the service**: a real ``chaoqing serve`` subprocess (embedded model servers, HTTP), with
   ``[model_server] compute_slots`` set to each value of ``--compute-slots`` (a value 0 shows
@@ -135,7 +136,8 @@ class _Script:
 
         def runner_settings(name: str) -> Any:
             options = sim_options if name.startswith("sim-") else {}
-            return RunnerSettings(threads=threads, device=settings.device, model_options=options)
+            return RunnerSettings(threads=threads, runtime=settings.runtime_for(name), device=settings.device_for(name),
+                                  model_options=options)
 
         self.upscaler = create_runner(preset.upscaler, runner_settings(preset.upscaler))
         self.detector = create_runner(config.detector, runner_settings(config.detector))
@@ -472,6 +474,9 @@ def run_local(plan: LocalPlan, progress: Callable[[str], None]) -> tuple[list[di
              "script_threads": threads, "cores": usable_cores(), "preset": plan.preset,
              "preset_models": {"upscaler": config.presets[plan.preset].upscaler,
                                "face_model": config.presets[plan.preset].face_model, "detector": config.detector},
+             "runtimes": {name: config.model_server.runtime_for(name)
+                          for name in (config.presets[plan.preset].upscaler, config.presets[plan.preset].face_model)
+                          if name},
              "face_input_size": config.face_input_size}
     return rows, batching_rows, extra
 
