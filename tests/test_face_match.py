@@ -93,7 +93,7 @@ def test_texture_gives_a_clean_face_the_photos_grain() -> None:
 def test_texture_tones_down_a_face_noisier_than_its_photo_but_keeps_most_of_it() -> None:
     background = _photo(0, noise=1.0)
     face = _photo(1, noise=8.0)
-    matched, measure = match_paste_to_background(_paste(face), background,
+    _, measure = match_paste_to_background(_paste(face), background,
                                                  FaceMatchSettings(colour=False, texture=True))
     assert measure is not None and measure.added == 0 and measure.kept == pytest.approx(MIN_TEXTURE_GAIN)
 

@@ -99,6 +99,11 @@ def _parse_bool(raw: str | None, name: str, default: bool) -> bool:
     raise InvalidParameter(f"{name} must be true or false, not {raw!r}")
 
 
+def _parse_optional_bool(raw: str | None, name: str) -> bool | None:
+    """A boolean query parameter whose absence means "the preset's"."""
+    return None if raw is None or raw == "" else _parse_bool(raw, name, False)
+
+
 def _parse_quality(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
@@ -128,7 +133,23 @@ def parse_enhance_options(request: falcon.Request, config: Config, request_id: s
         request_id=request_id,
         strip_metadata=_parse_bool(request.get_param("strip_metadata"), "strip_metadata", config.encode.strip_metadata),
         strip_gps=_parse_bool(request.get_param("strip_gps"), "strip_gps", config.encode.strip_gps),
+        face_strength=_parse_face_strength(request.get_param("face_strength")),
+        face_colour=_parse_optional_bool(request.get_param("face_colour"), "face_colour"),
+        face_texture=_parse_optional_bool(request.get_param("face_texture"), "face_texture"),
     )
+
+
+def _parse_face_strength(raw: str | None) -> float | None:
+    """``face_strength``: a number in [0, 1], or None (the preset's). Raises InvalidParameter."""
+    if raw is None or raw == "":
+        return None
+    try:
+        strength = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"face_strength must be a number between 0 and 1, not {raw!r}") from None
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise InvalidParameter(f"face_strength must be between 0 and 1, not {raw!r}")
+    return strength
 
 
 def _parse_choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str | None:

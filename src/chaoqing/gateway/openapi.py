@@ -223,6 +223,17 @@ def openapi_document(config: Config) -> dict[str, Any]:
         {"name": "strip_gps", "in": "query",
          "description": "Carry EXIF and XMP without their GPS positions (EXIF's GPS IFD, XMP's GPS* properties).",
          "schema": {"type": "boolean", "default": config.encode.strip_gps}},
+        {"name": "face_strength", "in": "query",
+         "description": "How much of the face model's face to paste, 0 to 1: the rest is the background's own "
+                        "upscaled face. Default: the preset's (" + ", ".join(
+                            f"{p.name} {p.face_strength:g}" for p in config.presets.values() if p.face_model) + ").",
+         "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+        {"name": "face_colour", "in": "query",
+         "description": "Give each enhanced face the photo's own colours (skin, irises). Default: the preset's.",
+         "schema": {"type": "boolean"}},
+        {"name": "face_texture", "in": "query",
+         "description": "Continue the photo's grain into each enhanced face. Default: the preset's.",
+         "schema": {"type": "boolean"}},
         {"name": "X-Request-Id", "in": "header", "required": False,
          "description": "Echoed back when it is 1-64 characters of [A-Za-z0-9._:-]; generated otherwise.",
          "schema": {"type": "string"}},
