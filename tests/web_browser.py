@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import tempfile
 import time
@@ -57,6 +58,31 @@ def _mean_difference(first: np.ndarray, second: np.ndarray, columns: slice) -> f
     return float(np.abs(_band(first)[:, columns] - _band(second)[:, columns]).mean())
 
 
+# records every value the page's progress shows, as it shows it (a MutationObserver, so no
+# value between two looks is missed): the bars' value/max/aria-valuetext, the stage, the ETA
+RECORD_PROGRESS = """() => {
+  const seen = { tiles: [], faces: [], stages: [], labels: [], etas: [] };
+  window.progressSeen = seen;
+  const push = (list, item) => {
+    if (JSON.stringify(list[list.length - 1]) !== JSON.stringify(item)) list.push(item);
+  };
+  const bar = (id) => {
+    const element = document.getElementById(id);
+    return [element.hasAttribute('value') ? element.value : null, element.max, element.getAttribute('aria-valuetext')];
+  };
+  const record = () => {
+    push(seen.tiles, bar('progress-bar'));
+    if (!document.getElementById('faces-meter').hidden) push(seen.faces, bar('faces-bar'));
+    push(seen.stages, document.getElementById('progress').dataset.stage || '');
+    push(seen.labels, document.getElementById('progress-label').textContent);
+    const eta = document.getElementById('eta').textContent;
+    if (eta) push(seen.etas, eta);
+  };
+  new MutationObserver(record).observe(document.getElementById('progress'),
+    { attributes: true, childList: true, subtree: true, characterData: true });
+}"""
+
+
 def _state(page: Page) -> str:
     return str(page.evaluate("document.body.dataset.state"))
 
@@ -81,19 +107,28 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     page.select_option("#preset", "balanced")
     page.fill("#scale", "2")
     results["output_size_hint"] = page.inner_text("#output-size-hint")
+    page.evaluate(RECORD_PROGRESS)
     page.click("#enhance-button")
 
-    # while the server works: an indeterminate bar and an elapsed time that moves
+    # while the job runs: the bars (found by role and name, as a screen reader would), the
+    # stage, an elapsed time that moves, an ETA
     _wait_state(page, "working", timeout_s)
+    page.wait_for_function("/^[1-9]\\d* of /.test(document.getElementById('tiles-text').textContent)",
+                           timeout=timeout_s * 1000)
     results["progress_visible"] = page.is_visible("#progress")
-    results["progress_indeterminate"] = page.evaluate("!document.getElementById('progress-bar').hasAttribute('value')")
-    results["progress_label"] = page.inner_text("#progress-label")
+    results["tiles_bar_by_role"] = page.get_by_role("progressbar", name="Tiles").count()
+    results["faces_bar_by_role"] = page.get_by_role("progressbar", name="Faces").count()
     first_elapsed = page.inner_text("#elapsed")
     page.wait_for_timeout(350)
     results["elapsed_moved"] = [first_elapsed, page.inner_text("#elapsed")]
     results["cancel_visible"] = page.is_visible("#cancel-button")
+    results["eta_text"] = page.inner_text("#eta")
+    page.evaluate("document.activeElement.blur()")
+    page.mouse.move(0, 0)
+    page.screenshot(path=str(output / "web-page-progress.png"), full_page=True)
 
     _wait_state(page, "done", timeout_s)
+    results["progress_seen"] = page.evaluate("window.progressSeen")
     page.wait_for_function(
         "document.getElementById('after-image').complete && document.getElementById('before-image').complete"
     )
@@ -182,7 +217,7 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     page.screenshot(path=str(output / "web-page-error.png"), full_page=True)
 
     # over the gateway's output limit (from its OpenAPI document): said before uploading
-    enhance_calls = sum("/v1/enhance" in url for url in results["requests"])
+    enhance_calls = sum("/v1/jobs?" in url for url in results["requests"])
     page.set_input_files("#file-input", scenario["photo"])
     page.wait_for_function("document.getElementById('chosen-info').textContent.includes('×')")
     page.fill("#scale", "4")
@@ -190,7 +225,36 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     _wait_state(page, "error", timeout_s)
     results["limit_error_code"] = page.inner_text("#error-code")
     results["limit_error_message"] = page.inner_text("#error-message")
-    results["limit_uploads"] = sum("/v1/enhance" in url for url in results["requests"]) - enhance_calls
+    results["limit_uploads"] = sum("/v1/jobs?" in url for url in results["requests"]) - enhance_calls
+
+    # the event stream refused: the page follows the job by GET instead, to the result
+    page.fill("#scale", "2")
+    page.route("**/events", lambda route: route.abort())
+    polls_before = len(_job_polls(results))
+    page.evaluate(RECORD_PROGRESS)
+    page.click("#enhance-button")
+    _wait_state(page, "done", timeout_s)
+    page.wait_for_function("document.getElementById('after-image').complete")
+    page.unroute("**/events")
+    results["polled_progress_seen"] = page.evaluate("window.progressSeen")
+    results["polls_without_stream"] = len(_job_polls(results)) - polls_before
+    results["polled_after_natural_size"] = page.evaluate(
+        "[document.getElementById('after-image').naturalWidth, document.getElementById('after-image').naturalHeight]"
+    )
+
+    # cancel while the tiles are being done: a DELETE, and the page ready again
+    page.click("#enhance-button")
+    page.wait_for_function("/^[1-9]\\d* of /.test(document.getElementById('tiles-text').textContent)",
+                           timeout=timeout_s * 1000)
+    page.click("#cancel-button")
+    _wait_state(page, "cancelled", timeout_s)
+    results["cancelled_progress_hidden"] = not page.is_visible("#progress")
+    results["cancelled_error_hidden"] = not page.is_visible("#error")
+    results["enhance_enabled_after_cancel"] = page.is_enabled("#enhance-button")
+
+
+def _job_polls(results: dict[str, Any]) -> list[str]:
+    return [url for url in results["requests"] if re.search(r"/v1/jobs/[0-9a-f]{32}$", url)]
 
 
 def _run_api_key_flow(context: BrowserContext, scenario: dict[str, Any], results: dict[str, Any]) -> None:
@@ -209,6 +273,10 @@ def _run_api_key_flow(context: BrowserContext, scenario: dict[str, Any], results
     page.click("#enhance-button")
     _wait_state(page, "done", timeout_s)
     results["keyed_faces_text"] = page.inner_text("#faces-result")
+    keyed_host = urlsplit(scenario["keyed_url"]).netloc
+    keyed = [url for url in results["requests"] if urlsplit(url).netloc == keyed_host]
+    results["keyed_event_streams"] = sum(url.endswith("/events") for url in keyed)
+    results["keyed_results"] = sum(url.endswith("/result") for url in keyed)
     page.reload()
     page.wait_for_timeout(300)
     results["key_after_reload"] = page.input_value("#api-key")
@@ -219,7 +287,7 @@ def main(scenario_path: str) -> int:
     scenario = json.loads(Path(scenario_path).read_text())
     output = Path(scenario["output"])
     output.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"console_errors": [], "requests": []}
+    results: dict[str, Any] = {"console_errors": [], "requests": [], "deletes": []}
     allowed_hosts = {urlsplit(scenario["url"]).netloc}
     if scenario.get("keyed_url"):
         allowed_hosts.add(urlsplit(scenario["keyed_url"]).netloc)
@@ -238,6 +306,8 @@ def main(scenario_path: str) -> int:
 
         def on_request(request: Any) -> None:
             results["requests"].append(request.url)
+            if request.method == "DELETE":
+                results["deletes"].append(request.url)
 
         context.on("console", on_console)
         context.on("request", on_request)
