@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import SimGateway
+from fakes import FakeV2Server
 from PIL import Image
 
 from chaoqing.config import JobSettings, TileSettings
@@ -123,6 +124,8 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     gateway = start_sim_gateway(upscale_ms=TILE_LATENCY_MS, detect_ms=20, face_ms=300, faces=2, tiles=SMALL_TILES,
                                 jobs=JobSettings(spool_dir=str(tmp_path / "spool"), max_output_pixels=MAX_OUTPUT_PIXELS))
     keyed = start_sim_gateway(upscale_ms=20, detect_ms=5, face_ms=10, faces=1, api_keys=(API_KEY,))
+    broken_upscaler = FakeV2Server("error_500", model="sim-upscale-x4")
+    failing = start_sim_gateway(faces=0, endpoints={"sim-upscale-x4": (broken_upscaler.url,)})
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(_astronaut_png())
     not_a_photo = tmp_path / "notes.png"
@@ -131,12 +134,16 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     scenario = {
         "url": f"{gateway.url}/", "keyed_url": f"{keyed.url}/", "api_key": API_KEY, "photo": str(photo),
         "not_a_photo": str(not_a_photo), "output": str(output), "chromium": chromium, "timeout_s": 30,
+        "failing_url": f"{failing.url}/",
     }
     scenario_path = tmp_path / "scenario.json"
     scenario_path.write_text(json.dumps(scenario))
 
-    completed = subprocess.run([sys.executable, str(BROWSER_SCRIPT), str(scenario_path)], check=False,
-                               capture_output=True, text=True, timeout=150)
+    try:
+        completed = subprocess.run([sys.executable, str(BROWSER_SCRIPT), str(scenario_path)], check=False,
+                                   capture_output=True, text=True, timeout=150)
+    finally:
+        broken_upscaler.stop()
     results_path = output / "results.json"
     assert results_path.exists(), f"the browser script wrote no results:\n{completed.stdout}\n{completed.stderr}"
     results = json.loads(results_path.read_text())
@@ -235,6 +242,13 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     assert results["keyed_faces_text"] == "not enhanced"  # the fast preset has no face model
     assert results["keyed_event_streams"] == 0 and results["keyed_results"] == 1  # EventSource sends no key: GET
     assert results["key_after_reload"] == API_KEY
+
+    # a job that failed shows its reason; one that vanished says it is gone
+    failed = results["failed_job_error"]
+    assert failed["code"] == "model_error" and "broke on purpose" in failed["message"], failed
+    lost = results["lost_job_error"]
+    assert lost["code"] == "job_not_found" and lost["message"].startswith("The job is gone"), lost
+    assert lost["hint"] == "Enhance the photo again."
 
     screenshot = Image.open(output / "web-page.png")
     assert screenshot.width == 1280 and screenshot.height >= 700

@@ -8,6 +8,7 @@ event loop. Usage::
 
 SCENARIO.json names the page ``url``, the ``photo`` and ``not_a_photo`` files to upload, the
 ``output`` folder, optionally ``keyed_url`` + ``api_key`` (a gateway that requires a key),
+``failing_url`` (a gateway whose upscaler fails),
 ``chromium`` (the executable) and ``timeout_s``. Writes ``results.json``, ``web-page.png``,
 the downloaded file and screenshots of the comparison into ``output``. Every check is the
 caller's: this script only records.
@@ -283,14 +284,43 @@ def _run_api_key_flow(context: BrowserContext, scenario: dict[str, Any], results
     page.close()
 
 
+def _error_shown(page: Page) -> dict[str, str]:
+    return {"code": page.inner_text("#error-code"), "message": page.inner_text("#error-message"),
+            "hint": page.inner_text("#error-hint")}
+
+
+def _run_failure_flow(context: BrowserContext, scenario: dict[str, Any], results: dict[str, Any]) -> None:
+    """A gateway whose upscaler fails: the failed job's reason shown; then a job that vanishes
+    (its GET answers 404 job_not_found, made so here) shown as gone."""
+    timeout_s = float(scenario.get("timeout_s", 30))
+    page = context.new_page()
+    page.goto(scenario["failing_url"])
+    page.wait_for_timeout(300)
+    page.set_input_files("#file-input", scenario["photo"])
+    page.select_option("#preset", "fast")
+    page.click("#enhance-button")
+    _wait_state(page, "error", timeout_s)
+    results["failed_job_error"] = _error_shown(page)
+
+    page.route("**/events", lambda route: route.abort())
+    page.route(re.compile(r"/v1/jobs/[0-9a-f]{32}$"), lambda route: route.fulfill(
+        status=404, content_type="application/json",
+        body=json.dumps({"error": {"code": "job_not_found", "message": "no such job"}})))
+    page.click("#enhance-button")
+    _wait_state(page, "error", timeout_s)
+    results["lost_job_error"] = _error_shown(page)
+    page.close()
+
+
 def main(scenario_path: str) -> int:
     scenario = json.loads(Path(scenario_path).read_text())
     output = Path(scenario["output"])
     output.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"console_errors": [], "requests": [], "deletes": []}
     allowed_hosts = {urlsplit(scenario["url"]).netloc}
-    if scenario.get("keyed_url"):
-        allowed_hosts.add(urlsplit(scenario["keyed_url"]).netloc)
+    for name in ("keyed_url", "failing_url"):
+        if scenario.get(name):
+            allowed_hosts.add(urlsplit(scenario[name]).netloc)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chaoqing-chromium-") as profile, sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
@@ -317,6 +347,8 @@ def main(scenario_path: str) -> int:
             _run_main_flow(page, scenario, output, results)
             if scenario.get("keyed_url"):
                 _run_api_key_flow(context, scenario, results)
+            if scenario.get("failing_url"):
+                _run_failure_flow(context, scenario, results)
         # a step that failed (Playwright's errors and timeouts, a missing element, a download
         # that is no image, a value that is no number): recorded for the test to show, with a
         # picture of the moment; anything else is a bug here and ends the script with a traceback
