@@ -221,11 +221,12 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     assert results["limit_error_code"] == "image_too_large" and results["limit_uploads"] == 0
     assert results["limit_error_message"] == "the output would have 4.2 megapixels; this gateway makes at most 2.0"
 
-    # the event stream refused: followed by GET, through the same progress, to the result
+    # the event stream refused: followed by GET, through two 503s and the same progress, to the result
     assert results["polls_without_stream"] >= 3
     polled = _counts(results["polled_progress_seen"]["tiles"], "tiles")
     assert polled[-1] == (total, total) and any(0 < done < total for done, _ in polled), polled
     assert results["polled_after_natural_size"] == [1024, 1024]
+    assert "Lost contact with the gateway; trying again…" in results["polled_progress_seen"]["labels"]
 
     # cancel: one DELETE, the job cancelled with tiles left undone, the page ready for another go
     assert len(results["deletes"]) == 1, results["deletes"]

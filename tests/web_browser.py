@@ -43,6 +43,7 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1280, "height": 860}
 DIVIDER_MARGIN_PX = 28  # columns this close to the divider (its line and handle) are not compared
 SPLIT_AFTER_DRAG = 0.7  # the mouse drags the divider from 30% to 70% of the photo's width
+JOB_URL = re.compile(r"/v1/jobs/[0-9a-f]{32}$")  # GET (or DELETE) one job
 
 
 def _image(png: bytes) -> np.ndarray:
@@ -228,15 +229,28 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     results["limit_error_message"] = page.inner_text("#error-message")
     results["limit_uploads"] = sum("/v1/jobs?" in url for url in results["requests"]) - enhance_calls
 
-    # the event stream refused: the page follows the job by GET instead, to the result
+    # the event stream refused: the page follows the job by GET instead, to the result, through
+    # two GETs answered 503 (as a gateway that restarts may)
     page.fill("#scale", "2")
     page.route("**/events", lambda route: route.abort())
+    unavailable = {"left": 2}
+
+    def restarting(route: Any) -> None:
+        if unavailable["left"] > 0:
+            unavailable["left"] -= 1
+            route.fulfill(status=503, content_type="application/json",
+                          body=json.dumps({"error": {"code": "shutting_down", "message": "restarting"}}))
+        else:
+            route.continue_()
+
+    page.route(JOB_URL, restarting)
     polls_before = len(_job_polls(results))
     page.evaluate(RECORD_PROGRESS)
     page.click("#enhance-button")
     _wait_state(page, "done", timeout_s)
     page.wait_for_function("document.getElementById('after-image').complete")
     page.unroute("**/events")
+    page.unroute(JOB_URL)
     results["polled_progress_seen"] = page.evaluate("window.progressSeen")
     results["polls_without_stream"] = len(_job_polls(results)) - polls_before
     results["polled_after_natural_size"] = page.evaluate(
@@ -255,7 +269,7 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
 
 
 def _job_polls(results: dict[str, Any]) -> list[str]:
-    return [url for url in results["requests"] if re.search(r"/v1/jobs/[0-9a-f]{32}$", url)]
+    return [url for url in results["requests"] if JOB_URL.search(url)]
 
 
 def _run_api_key_flow(context: BrowserContext, scenario: dict[str, Any], results: dict[str, Any]) -> None:
@@ -303,7 +317,7 @@ def _run_failure_flow(context: BrowserContext, scenario: dict[str, Any], results
     results["failed_job_error"] = _error_shown(page)
 
     page.route("**/events", lambda route: route.abort())
-    page.route(re.compile(r"/v1/jobs/[0-9a-f]{32}$"), lambda route: route.fulfill(
+    page.route(JOB_URL, lambda route: route.fulfill(
         status=404, content_type="application/json",
         body=json.dumps({"error": {"code": "job_not_found", "message": "no such job"}})))
     page.click("#enhance-button")

@@ -23,6 +23,7 @@
     image_too_large: "Try a smaller photo or a lower scale.",
     invalid_image: "Is it a JPEG, PNG, WebP, GIF, BMP or TIFF photo that opens elsewhere?",
     unsupported_media_type: "Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+    model_error: "A model server failed on this photo: try again, or another preset.",
     deadline_exceeded: "It took too long: try a lower scale or the fast preset.",
     overloaded: "The gateway is busy",
     model_unavailable: "A model server is not available",
@@ -422,6 +423,7 @@
     elements.facesMeter.hidden = true;
     elements.progressLabel.textContent = "Uploading…";
     elements.progress.dataset.stage = "upload";
+    elements.progress.scrollIntoView({ block: "nearest" }); // below the button: keep it in sight
     announce("Uploading the photo");
     startTicker();
 
@@ -496,6 +498,10 @@
     try {
       response = await api(`v1/jobs/${encodeURIComponent(followed.id)}`);
     } catch (error) {
+      response = null;
+    }
+    if (state.job !== followed) return;
+    if (response === null || response.status >= 500) {
       // the gateway may be restarting (its jobs survive it): keep trying for a while
       followed.contactLostAt ??= performance.now();
       if (performance.now() - followed.contactLostAt > LOST_CONTACT_MS) {
@@ -506,7 +512,6 @@
       followed.poller = setTimeout(() => poll(followed), POLL_INTERVAL_MS * 2);
       return;
     }
-    if (state.job !== followed) return;
     followed.contactLostAt = null;
     if (!response.ok) {
       const error = await errorFromResponse(response);
@@ -534,9 +539,11 @@
     const progress = job.progress || {};
     const stage = job.status === "running" ? (progress.stage || "start") : job.status;
     elements.progress.dataset.stage = stage;
-    elements.progressLabel.textContent = stage === "queued" && job.attempts > 0
+    const label = stage === "queued" && job.attempts > 0
       ? "Queued again: the gateway that ran it stopped"
       : (stage === "enhance" && !progress.faces ? STAGES.upscale : STAGES[stage] || stage);
+    if (label !== elements.progressLabel.textContent) announce(label); // each stage once, not each tile
+    elements.progressLabel.textContent = label;
 
     elements.tilesName.textContent = "Tiles";
     if (progress.tiles) {
