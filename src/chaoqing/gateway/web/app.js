@@ -463,10 +463,9 @@
   /** Follow a job to its end: its event stream while that works, else GET every POLL_INTERVAL_MS.
    * EventSource cannot send an Authorization header, so with an API key the page polls. */
   function follow(job, file) {
-    const followed = { id: job.id, file, events: null, poller: null, contactLostAt: null, ended: false };
+    const followed = { id: job.id, file, events: null, poller: null, contactLostAt: null, cancelling: false, ended: false };
     state.job = followed;
     setState("working");
-    announce("Uploaded; the photo waits for its turn");
     showJob(job);
     if (!authorization().Authorization && "EventSource" in window) {
       const events = new EventSource(`v1/jobs/${encodeURIComponent(job.id)}/events`);
