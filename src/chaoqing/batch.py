@@ -271,6 +271,7 @@ class _LocalRunner:
 
     def __init__(self, job: BatchJob) -> None:
         from chaoqing.gateway.estimate import ComputeEstimator
+        from chaoqing.gateway.jobs import job_config
         from chaoqing.gateway.pipeline import PipelineServices, quiet_expected_errors
         from chaoqing.gateway.server import open_models, wait_until_ready
 
@@ -282,7 +283,8 @@ class _LocalRunner:
         except BaseException:
             self.close()
             raise
-        self.services = PipelineServices(job.config, self.remotes)
+        # the CLI waits as a job does: a job's deadline and limits, not a synchronous request's
+        self.services = PipelineServices(job_config(job.config), self.remotes)
         self.estimator = ComputeEstimator(self.remotes, job.config.jobs.default_megapixels_per_s)
         self.job = job
 
@@ -386,14 +388,17 @@ class _ServerRunner:
                 self.jobs_supported = False
             else:
                 document = _json_or_error(response.status_code, body, 202)
-                job_path = f"{self.base_path}/v1/jobs/{document['id']}"
-                self.open_jobs.add(job_path)
                 try:
-                    on_progress(PhotoProgress.from_job(document))
-                    self._follow(job_path, on_progress)
-                    return self._result(job_path)
-                finally:
-                    self._delete(job_path)
+                    job_path = f"{self.base_path}/v1/jobs/{document['id']}"
+                    self.open_jobs.add(job_path)
+                    try:
+                        on_progress(PhotoProgress.from_job(document))
+                        self._follow(job_path, on_progress)
+                        return self._result(job_path)
+                    finally:
+                        self._delete(job_path)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise GatewayError(f"the gateway's job document is not one: {exc!r}") from None
         return self._enhance_synchronously(data)
 
     def _follow(self, job_path: str, on_progress: ProgressCallback) -> None:
@@ -680,7 +685,7 @@ def run_batch(photos: Sequence[PlannedPhoto], job: BatchJob, stream: IO[str] | N
             photo_started = time.monotonic()
             line = display.start(photo)
             try:
-                data = gevent.get_hub().threadpool.apply(_read_photo, (photo.source, job.config.limits.max_body_bytes))
+                data = gevent.get_hub().threadpool.apply(_read_photo, (photo.source, job.config.jobs.max_body_bytes))
                 size = _pixel_size(data)
                 enhanced = runner.enhance(data, size, lambda progress: display.update(line, progress))
                 target = photo.target
