@@ -14,7 +14,7 @@ from conftest import SimGateway, run_cli
 from PIL import Image
 from test_cli import _run_in_terminal, _summary_line
 
-from chaoqing.config import TileSettings
+from chaoqing.config import JobSettings, TileSettings
 
 StartGateway = Callable[..., SimGateway]
 
@@ -114,3 +114,25 @@ def test_enhance_without_a_terminal_writes_plain_progress_lines(start_sim_gatewa
     assert any(re.fullmatch(r"photo\.png: done in [\d.]+ s \(1/1 photos, 0\.01 MP in → 0\.04 MP out\)", line)
                for line in lines), lines
     assert _summary_line(completed.stderr).startswith("1 photo(s): 1 done, 0 skipped, 0 failed; faces 1/1 enhanced;")
+
+
+@pytest.mark.timeout(120)
+def test_enhance_polls_a_job_whose_event_stream_is_refused(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
+    # one event stream per gateway process: the second photo's is refused (503), so it polls
+    gateway = start_sim_gateway(upscale_ms=100, detect_ms=10, face_ms=50, faces=1, tiles=SMALL_TILES,
+                                jobs=JobSettings(spool_dir=str(tmp_path / "spool"), max_event_streams=1, max_running=2))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("first.png", "second.png"):
+        _photo(photos / name)
+    completed = run_cli("enhance", str(photos), "-o", str(tmp_path / "out"), "--server", gateway.url, "-j", "2",
+                        timeout=90)
+    assert completed.returncode == 0, completed.stderr
+    assert _summary_line(completed.stderr).startswith("2 photo(s): 2 done, 0 skipped, 0 failed")
+    assert gateway.metrics.sample("chaoqing_requests_total",
+                                  {"route": "/v1/jobs/{job_id}/events", "status": "503", "preset": ""}) >= 1
+    assert gateway.metrics.sample("chaoqing_requests_total",
+                                  {"route": "/v1/jobs/{job_id}", "status": "200", "preset": ""}) >= 1, "it polled"
+    for name in ("first.png", "second.png"):
+        with Image.open(tmp_path / "out" / name) as image:
+            assert image.size == (240, 180)

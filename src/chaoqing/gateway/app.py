@@ -2,7 +2,9 @@
 
 Routes::
 
-    POST /v1/enhance       image in (raw image/* body, or multipart field "image"), image out
+    POST /v1/enhance       image in (raw image/* body, or multipart field "image"), image out; refused
+                           at once (413 estimate_exceeds_deadline) when its estimated compute passes
+                           the deadline (chaoqing.gateway.estimate)
     POST /v1/jobs          the same in, 202 + Location: /v1/jobs/{id} (the photo is done in the background)
     GET  /v1/jobs/{id}     the job: status, progress (stage, tiles, faces, elapsed, ETA), result or error
     GET  /v1/jobs/{id}/result   the image of a done job
