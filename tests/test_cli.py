@@ -30,7 +30,7 @@ from PIL import Image
 
 from chaoqing import doctor
 from chaoqing.cli import cli
-from chaoqing.config import Config
+from chaoqing.config import Config, JobSettings
 
 StartGateway = Callable[..., SimGateway]
 
@@ -165,8 +165,9 @@ def test_enhance_a_folder_of_10_photos_with_a_progress_bar_and_a_summary(
         with Image.open(written) as image:
             assert image.size == (2 * width, 2 * height)
             assert image.format == ("JPEG" if name.endswith(".jpg") else "PNG")
-    assert gateway.metrics.sample("chaoqing_requests_total",
-                                  {"route": "/v1/enhance", "status": "200", "preset": "balanced"}) == 10
+    # each photo went as a job (its progress shown), deleted once its result was fetched
+    assert gateway.metrics.sample("chaoqing_jobs_submitted_total") == 10
+    assert gateway.metrics.sample("chaoqing_jobs_ended_total", {"outcome": "done"}) == 10
 
     # again, with a photo that is not one: the done ones are skipped, the broken one is named
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
@@ -189,7 +190,9 @@ def test_enhance_a_folder_of_10_photos_with_a_progress_bar_and_a_summary(
 @pytest.mark.timeout(120)
 def test_enhance_runs_photos_concurrently(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
     upscale_s = 0.4
-    gateway = start_sim_gateway(upscale_ms=upscale_s * 1000, detect_ms=5, face_ms=10, faces=1)
+    # the photos go as jobs: the gateway must run 4 at once too ([jobs] max_running, 1 by default)
+    gateway = start_sim_gateway(upscale_ms=upscale_s * 1000, detect_ms=5, face_ms=10, faces=1,
+                                jobs=JobSettings(spool_dir=str(tmp_path / "spool"), max_running=4))
     photos = tmp_path / "photos"
     _photo_folder(photos, count=8)
     completed = run_cli("enhance", str(photos), "-o", str(tmp_path / "out"), "--server", gateway.url, "-j", "4",

@@ -269,9 +269,11 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
                    "true of the output.  [default: keep; the config's [encode] strip_metadata]")
 @click.option("--strip-gps/--keep-gps", "strip_gps", default=None,
               help="Keep EXIF and XMP but without their GPS positions.  [default: keep; [encode] strip_gps]")
-@click.option("--server", default=None, metavar="URL", help="Use a running gateway instead of local model servers.")
+@click.option("--server", default=None, metavar="URL",
+              help="Use a running gateway instead of local model servers (each photo sent as a job, with its progress).")
 @click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server (or CHAOQING_API_KEY).")
-@click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Photos processed at once.")
+@click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Photos processed at once (with --server, as many as the gateway's [jobs] max_running allow).")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of input folders.")
 @click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False), help="TOML file.")
@@ -289,6 +291,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     chaoqing enhance a.png --server http://gpu-box:8080
 
     Photos whose output exists are skipped (--overwrite redoes them). Shows a progress bar,
+    and under it each photo's tiles, faces, stage and ETA (plain lines when not on a terminal),
     then a table of photos, faces and times. Exits with status 1 if any photo failed; each
     failure is named.
     """
