@@ -203,6 +203,27 @@ def test_enhance_runs_photos_concurrently(start_sim_gateway: StartGateway, tmp_p
     assert seconds < 8 * upscale_s * 0.75, f"{summary}: 8 photos 4 at a time take about 2 upscales, not 8"
 
 
+@pytest.mark.timeout(120)
+def test_enhance_passes_face_strength_and_matching_to_the_server(start_sim_gateway: StartGateway,
+                                                                 tmp_path: Path) -> None:
+    gateway = start_sim_gateway(upscale_ms=5, detect_ms=5, face_ms=5, faces=1,
+                                jobs=JobSettings(spool_dir=str(tmp_path / "spool")))
+    photos = tmp_path / "photos"
+    _photo_folder(photos, count=1)
+    outputs = {}
+    for name, flags in (("none", ["--face-strength", "0", "--no-face-colour", "--no-face-texture"]),
+                        ("plain", ["--no-faces"]), ("full", ["--face-strength", "1", "--no-face-colour"])):
+        completed = run_cli("enhance", str(photos), "-o", str(tmp_path / name), "--server", gateway.url, *flags,
+                            timeout=60)
+        assert completed.returncode == 0, completed.stderr
+        [output] = (tmp_path / name).iterdir()
+        outputs[name] = np.asarray(Image.open(output).convert("RGB"), dtype=int)
+    assert np.array_equal(outputs["none"], outputs["plain"]), "strength 0 leaves the background's own face"
+    assert not np.array_equal(outputs["full"], outputs["plain"]), "strength 1 pastes sim-face's brightened face"
+    completed = run_cli("enhance", str(photos), "--face-strength", "2", timeout=30)
+    assert completed.returncode != 0 and "--face-strength" in completed.stderr
+
+
 @pytest.mark.timeout(60)
 def test_enhance_says_what_is_wrong_with_its_arguments(tmp_path: Path) -> None:
     empty = tmp_path / "empty"

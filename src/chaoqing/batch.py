@@ -78,6 +78,9 @@ class BatchJob:
     overwrite: bool = False
     strip_metadata: bool | None = None  # None: the config's [encode] default (the server's, with server)
     strip_gps: bool | None = None
+    face_strength: float | None = None  # None: the preset's (the server's, with server)
+    face_colour: bool | None = None
+    face_texture: bool | None = None
 
 
 @dataclass
@@ -295,7 +298,9 @@ class _LocalRunner:
 
         job = self.job
         options = EnhanceOptions(job.scale, job.faces, job.preset, job.output_format, job.quality,
-                                 strip_metadata=job.strip_metadata, strip_gps=job.strip_gps)
+                                 strip_metadata=job.strip_metadata, strip_gps=job.strip_gps,
+                                 face_strength=job.face_strength, face_colour=job.face_colour,
+                                 face_texture=job.face_texture)
         upscaler = job.config.presets[job.preset].upscaler
         input_megapixels = size[0] * size[1] / MEGAPIXEL
         faces = bool(job.faces and job.config.presets[job.preset].face_model)
@@ -372,9 +377,12 @@ class _ServerRunner:
             query["format"] = job.output_format
         if job.quality:
             query["quality"] = job.quality
-        for name, value in (("strip_metadata", job.strip_metadata), ("strip_gps", job.strip_gps)):
+        for name, value in (("strip_metadata", job.strip_metadata), ("strip_gps", job.strip_gps),
+                            ("face_colour", job.face_colour), ("face_texture", job.face_texture)):
             if value is not None:
                 query[name] = str(value).lower()
+        if job.face_strength is not None:
+            query["face_strength"] = f"{job.face_strength:g}"
         return urlencode(query)
 
     def enhance(self, data: bytes, size: tuple[int, int], on_progress: ProgressCallback) -> _Enhanced:

@@ -269,6 +269,13 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
                    "true of the output.  [default: keep; the config's [encode] strip_metadata]")
 @click.option("--strip-gps/--keep-gps", "strip_gps", default=None,
               help="Keep EXIF and XMP but without their GPS positions.  [default: keep; [encode] strip_gps]")
+@click.option("--face-strength", default=None, type=click.FloatRange(0, 1),
+              help="How much of the face model's face to paste, 0 to 1 (the rest is the background's own face).  "
+                   "[default: the preset's]")
+@click.option("--face-colour/--no-face-colour", "face_colour", default=None,
+              help="Give enhanced faces the photo's own colours.  [default: the preset's, on]")
+@click.option("--face-texture/--no-face-texture", "face_texture", default=None,
+              help="Continue the photo's grain into enhanced faces.  [default: the preset's, on]")
 @click.option("--server", default=None, metavar="URL",
               help="Use a running gateway instead of local model servers (each photo sent as a job, with its progress).")
 @click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server (or CHAOQING_API_KEY).")
@@ -281,7 +288,7 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
               help="How much to log (stderr).")
 def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
             output_format: str | None, quality: int | None, strip_metadata: bool | None, strip_gps: bool | None,
-            server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
+            face_strength: float | None, face_colour: bool | None, face_texture: bool | None, server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
             config_path: str | None, log_level: str) -> None:
     """Enhance photos: files or folders of them.
 
@@ -315,6 +322,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
         config=config, preset=preset or config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
         quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
         strip_metadata=strip_metadata, strip_gps=strip_gps,
+        face_strength=face_strength, face_colour=face_colour, face_texture=face_texture,
     )
     summary = run_batch(planned, job)
     sys.exit(0 if summary.failed == 0 else 1)
