@@ -13,7 +13,15 @@ import skimage.data
 from click.testing import CliRunner
 from PIL import Image
 
-from chaoqing.bench.quality import DEGRADATIONS, LANCZOS, degrade, measure, prepare_original, quality, run_quality
+from chaoqing.bench.quality import (
+    DEGRADATIONS,
+    LANCZOS,
+    degrade,
+    measure,
+    prepare_original,
+    quality,
+    run_quality,
+)
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 # BT.601 luma weights of skimage.color.rgb2ycbcr (on [0, 255] input): Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255
