@@ -94,7 +94,7 @@ def test_the_command_prints_json_and_writes_crops(tmp_path: Path) -> None:
     crops = tmp_path / "crops"
     result = CliRunner().invoke(quality, ["--photos", str(photos), "--models-x4", COMPACT_X4, "--models-x2", "",
                                           "--degradations", "noise", "--max-side", "64", "--threads", "2",
-                                          "--crops", str(crops), "--json"])
+                                          "--crops", str(crops), "--native-crops", "--json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["scenario"] == "quality"
@@ -102,7 +102,10 @@ def test_the_command_prints_json_and_writes_crops(tmp_path: Path) -> None:
         ("noise", LANCZOS), ("noise", COMPACT_X4), ("all", LANCZOS), ("all", COMPACT_X4)]
     assert {record["photo"] for record in document["measurements"]} == {"photos/astronaut.png"}
     assert document["degradations"] == {"noise": "bicubic downscale, then Gaussian noise σ = 5/255"}
-    sheet = Path(document["crops"][0])
+    sheet, native = (Path(path) for path in document["crops"])
     assert sheet.parent == crops and sheet.name == "quality-x4-noise-photos-astronaut.png"
     with Image.open(sheet) as image:
         assert image.width == 3 * 64  # original, Lanczos, the compact model
+    assert native.name == "quality-x4-native-photos-astronaut.png"
+    with Image.open(native) as image:  # the photo as it is, nearest, Lanczos, compact: 40 px enlarged ×4
+        assert image.size == (3 * 160, 160 + 14)

@@ -50,6 +50,7 @@ __all__ = [
     "quality",
     "run_quality",
     "write_crops",
+    "write_native_crops",
 ]
 
 LANCZOS = "lanczos"  # the baseline: PIL's Lanczos (a = 3) resampling, no model
@@ -63,11 +64,13 @@ DETECTOR = "face-detector"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DEFAULT_MAX_SIDE = 192  # x4plus takes 10-30 s for a 64×64 input on a shared 2-core CPU
 JPEG_QUALITY = 40  # a heavily recompressed upload (messaging apps send 60-80; 40 shows blocks)
+MILD_JPEG_QUALITY = 75  # libjpeg's and Pillow's default quality: what most saved photos carry
 NOISE_SIGMA = 5 / 255  # sensor noise of a phone photo in dim light, on [0, 1]
 BLUR_SIGMA_PER_SCALE = 0.4  # σ 1.6 at ×4: the "BD" degradation of SR benchmarks (Zhang et al. 2018)
 SSIM_SIGMA = 1.5  # Wang et al. 2004's Gaussian window
 WARMUP_SIDE = 16  # the first call of a runner sets its runtime up; not timed
 CROP_SIDE = 128  # side of each tile of the side-by-side crops, in output pixels
+NATIVE_CROP_SIDE = 40  # input pixels of a native crop: 160 px tiles once enlarged ×4
 LABEL_HEIGHT = 14  # room for a tile's caption above it
 DEADLINE_S = 1800.0  # a run that takes longer was sized wrong: stop measuring more
 
@@ -84,6 +87,7 @@ DEGRADATIONS: tuple[Degradation, ...] = (
     Degradation("bicubic", "bicubic downscale (antialiased, MATLAB imresize's kernel)"),
     Degradation("blur", f"Gaussian blur σ = {BLUR_SIGMA_PER_SCALE}·scale on the original, then area downscale"),
     Degradation("jpeg", f"bicubic downscale, then JPEG quality {JPEG_QUALITY} (4:2:0)"),
+    Degradation("jpeg75", f"bicubic downscale, then JPEG quality {MILD_JPEG_QUALITY} (4:2:0)"),
     Degradation("noise", f"bicubic downscale, then Gaussian noise σ = {NOISE_SIGMA * 255:.0f}/255"),
 )
 
@@ -174,10 +178,10 @@ def degrade(original: Any, degradation: str, scale: int, seed: int = 0) -> Any:
     if degradation == "blur":
         blurred = Image.fromarray(original).filter(ImageFilter.GaussianBlur(BLUR_SIGMA_PER_SCALE * scale))
         return np.asarray(blurred.reduce(scale))  # reduce: the mean of each scale×scale block
-    if degradation == "jpeg":
+    if degradation in ("jpeg", "jpeg75"):
         buffer = io.BytesIO()
         Image.fromarray(_resize(original, small_width, small_height, Image.Resampling.BICUBIC)).save(
-            buffer, "JPEG", quality=JPEG_QUALITY)
+            buffer, "JPEG", quality=JPEG_QUALITY if degradation == "jpeg" else MILD_JPEG_QUALITY)
         buffer.seek(0)
         with Image.open(buffer) as decoded:
             return np.asarray(decoded.convert("RGB"))
@@ -425,6 +429,61 @@ def write_crops(prepared: dict[str, Any], candidates: dict[int, Sequence[str]], 
     return written
 
 
+def write_native_crops(photo_paths: Sequence[Path], models: Sequence[str], directory: Path, *, runtime: str,
+                       threads: int, side: int = NATIVE_CROP_SIDE) -> list[Path]:
+    """One PNG per photo: a ``side``-pixel crop of the photo as it is (its own JPEG blocks and
+    noise, no clean reference), around its largest face or its most detailed window, enlarged
+    ×4 with Lanczos and with each ×4 model, side by side. What users upload looks like this;
+    no metric can be computed (nothing to compare with), so it is drawn, not measured.
+    Raises RunnerError when a model does not load, OSError when the directory cannot be written.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from chaoqing.modelserver.runners import RunnerSettings, create_runner
+
+    directory.mkdir(parents=True, exist_ok=True)
+    detector = create_runner(DETECTOR, RunnerSettings())
+    crops: dict[str, Any] = {}
+    try:
+        for path in _photos(photo_paths):
+            rgb = _load_rgb(path)
+            height, width = rgb.shape[:2]
+            crop = min(side, height, width)
+            focus = _focus(rgb, detector)
+            if focus is None:
+                top, left = _detail_window(rgb, crop)
+                focus = (top + crop // 2, left + crop // 2)
+            crops[f"{path.parent.name}-{path.stem}"] = prepare_original(rgb, crop, 1, focus)
+    finally:
+        detector.close()
+    enlarged: dict[str, list[tuple[str, Any]]] = {
+        label: [("input, nearest x4", np.asarray(Image.fromarray(crop).resize(
+            (crop.shape[1] * 4, crop.shape[0] * 4), Image.Resampling.NEAREST))),
+                ("lanczos", _upscale_lanczos(crop, 4))]
+        for label, crop in crops.items()
+    }
+    for name in models:
+        runner = create_runner(name, RunnerSettings(runtime=runtime, threads=threads))
+        try:
+            for label, crop in crops.items():
+                enlarged[label].append((name, runner.run({"image": crop[None]})["image"][0]))
+        finally:
+            runner.close()
+    written: list[Path] = []
+    for label, columns in enlarged.items():
+        tile_height, tile_width = columns[0][1].shape[:2]
+        sheet = Image.new("RGB", (tile_width * len(columns), tile_height + LABEL_HEIGHT), "white")
+        draw = ImageDraw.Draw(sheet)
+        for index, (caption, image) in enumerate(columns):
+            sheet.paste(Image.fromarray(np.ascontiguousarray(image)), (index * tile_width, LABEL_HEIGHT))
+            draw.text((index * tile_width + 2, 1), _caption(caption), fill="black")
+        path = directory / f"quality-x4-native-{label}.png"
+        sheet.save(path, optimize=True)
+        written.append(path)
+    return written
+
+
 # -- the command ----------------------------------------------------------------------------
 
 
@@ -455,9 +514,12 @@ def _names(text: str, known: Sequence[str], option: str) -> list[str]:
               help="Write side-by-side crops (original, Lanczos, each model) as PNGs into this folder.")
 @click.option("--crop-photos", "crop_photos_text", default="",
               help="Photos to draw crops of (file names, comma-separated); all when empty.")
+@click.option("--native-crops", is_flag=True,
+              help="Also draw each photo as it is (no degradation, nothing to measure) enlarged ×4 by each ×4 model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def quality(photo_paths: tuple[Path, ...], models_x4: str, models_x2: str, degradations_text: str, max_side: int,
-            runtime: str, threads: int, crops_directory: Path | None, crop_photos_text: str, as_json: bool) -> None:
+            runtime: str, threads: int, crops_directory: Path | None, crop_photos_text: str, native_crops: bool,
+            as_json: bool) -> None:
     """PSNR, SSIM, sharpness and time of the upscalers on degraded copies of real photos."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.errors import BenchError, RunnerError
@@ -484,6 +546,13 @@ def quality(photo_paths: tuple[Path, ...], models_x4: str, models_x2: str, degra
     if crops_directory is not None:
         crop_photos = [item.strip() for item in crop_photos_text.split(",") if item.strip()] or None
         written = write_crops(prepared, candidates, degradations, crops_directory, crop_photos)
+        if native_crops and 4 in candidates:
+            native_paths = [path for path in _photos(photo_paths) if crop_photos is None or path.name in crop_photos]
+            try:
+                written += write_native_crops(native_paths, candidates[4], crops_directory, runtime=runtime,
+                                              threads=threads)
+            except RunnerError as exc:
+                raise click.ClickException(str(exc)) from None
         extra["crops"] = [str(path) for path in written]
         progress(f"wrote {len(written)} crop sheets into {crops_directory}")
     settings = {"photos": [str(path) for path in photo_paths], "max_side": max_side, "runtime": runtime,
