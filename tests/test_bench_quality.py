@@ -109,3 +109,31 @@ def test_the_command_prints_json_and_writes_crops(tmp_path: Path) -> None:
     assert native.name == "quality-x4-native-photos-astronaut.png"
     with Image.open(native) as image:  # the photo as it is, nearest, Lanczos, compact: 40 px enlarged ×4
         assert image.size == (3 * 160, 160 + 14)
+
+
+DOCS_QUALITY = Path(__file__).resolve().parents[1] / "docs" / "quality.md"
+
+
+@pytest.mark.timeout(10)
+def test_built_in_presets_name_only_commercial_models_and_the_documented_presets_parse() -> None:
+    """docs/quality.md's rule: no non-commercial or unverified weights in a built-in preset;
+    its [presets.X] snippets load as written and name bundled models."""
+    import re
+    import tomllib
+
+    from chaoqing.config import PRESETS, Config, config_from_mapping
+    from chaoqing.modelserver.runners.catalog import UPSCALERS
+
+    for preset in PRESETS.values():
+        for name in (preset.upscaler, preset.face_model):
+            if name is not None:
+                assert UPSCALERS[name].card.commercial_use == "yes", (preset.name, name)
+    assert len(Config().models_needed()) <= 3 + 1  # three upscalers at most, and the detector
+    snippets = re.findall(r"```toml\n(.*?)```", DOCS_QUALITY.read_text(encoding="utf-8"), re.DOTALL)
+    documented = config_from_mapping(tomllib.loads("\n".join(snippets))).presets
+    assert documented["photo-nc"].upscaler == "span-clearreality-x4"
+    assert UPSCALERS["span-clearreality-x4"].card.commercial_use == "no"
+    assert "NON-COMMERCIAL" in documented["photo-nc"].description
+    assert documented["photo-clean"].upscaler == "span-kendata-x4"
+    for name in ("photo-nc", "photo-clean"):
+        assert documented[name].face_model in UPSCALERS
