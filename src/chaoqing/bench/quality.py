@@ -524,6 +524,11 @@ def quality(photo_paths: tuple[Path, ...], models_x4: str, models_x2: str, degra
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.errors import BenchError, RunnerError
 
+    try:
+        import scipy.ndimage  # noqa: F401
+        import skimage.metrics  # noqa: F401
+    except ImportError:
+        raise click.ClickException("bench quality needs scikit-image: pip install 'chaoqing[bench]'") from None
     candidates: dict[int, Sequence[str]] = {}
     for scale, text, option in ((4, models_x4, "--models-x4"), (2, models_x2, "--models-x2")):
         if text.strip():
