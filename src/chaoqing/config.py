@@ -106,13 +106,21 @@ COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
 FACE_DETECTOR = "face-detector"
 
+# Chosen by `chaoqing bench quality` on degraded copies of real photos (docs/quality.md). Every
+# model a built-in preset names is a model server `chaoqing serve` starts, and each must be one
+# an operator may run commercially (BSD-3 here). The bundled SPAN photo models lost on what users
+# upload: 4xSPANkendata (CC-BY-SA) and SPAN's own ×4 (license unverified) enlarge JPEG blocks and
+# noise (SSIM 0.72 / 0.77 against compact's 0.80 at JPEG quality 75); ClearReality4x, the most
+# natural on photos, is non-commercial and so only a documented [presets.photo-nc].
 PRESETS: Mapping[str, Preset] = types.MappingProxyType(
     {
-        "fast": Preset("fast", COMPACT_X4, None, "compact Real-ESRGAN everywhere, faces not enhanced"),
+        "fast": Preset("fast", COMPACT_X4, None,
+                       "compact Real-ESRGAN everywhere (smooth; robust to JPEG and noise), faces not enhanced"),
         "balanced": Preset(
             "balanced", COMPACT_X4, PLUS_X4, "compact Real-ESRGAN background, Real-ESRGAN x4plus on aligned faces"
         ),
-        "quality": Preset("quality", PLUS_X4, PLUS_X4, "Real-ESRGAN x4plus everywhere"),
+        "quality": Preset("quality", PLUS_X4, PLUS_X4,
+                          "Real-ESRGAN x4plus everywhere: detail closest to the original's, robust to JPEG and noise"),
         # illustrations: realesr-animevideov3 is Real-ESRGAN's anime model (video, fast). No faces:
         # HOG is trained on photos and finds few drawn ones, and a face model here would be one
         # more model every deployment starts; realesrgan-x4plus-anime is there to name
