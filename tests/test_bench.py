@@ -111,7 +111,7 @@ def test_models_measures_runners_and_presets_on_real_models(tmp_path: Path) -> N
 def test_bench_commands_are_listed() -> None:
     completed = run_cli("bench", "--help", timeout=50)
     assert completed.returncode == 0
-    for name in ("fanout", "load", "models", "overhead", "quality"):
+    for name in ("fanout", "load", "models", "overhead", "presets", "quality", "local"):
         assert name in completed.stdout
 
 
