@@ -51,6 +51,7 @@ from chaoqing.errors import ConfigError
 __all__ = [
     "MODEL_RUNTIMES",
     "PRESETS",
+    "UNKNOWN_LICENSE",
     "USER_MODEL_FORMATS",
     "USER_MODEL_KINDS",
     "Config",
@@ -389,9 +390,8 @@ def _parse_user_models(raw: Any) -> dict[str, UserModel]:
             if isinstance(value, bool) or not isinstance(value, int if number else str):
                 raise ConfigError(f"models.{name}.{key}: {value!r} is not {'an integer' if number else 'a string'}")
             values[key] = value
-        if values.get("path"):
-            values["path"] = str(Path(values["path"]).expanduser())
-        models[name] = UserModel(name, **values)
+        path = values.pop("path", "")
+        models[name] = UserModel(name, str(Path(path).expanduser()) if path else "", **values)
     return models
 
 
