@@ -387,6 +387,55 @@ def test_each_wrong_pytorch_file_is_said_in_one_line_naming_it(tmp_path: Path, c
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_face_restorer_is_not_taken_as_an_upscaler(compact_file: Path) -> None:
+    """spandrel's GFPGAN, RestoreFormer and CodeFormer say purpose FaceSR: refused as upscalers."""
+    import spandrel
+
+    from chaoqing.modelserver.runners.spandrel_backend import check_upscaler, import_spandrel
+
+    import_spandrel()
+    module = spandrel_module("Compact")
+    face_restorer = spandrel.ImageModelDescriptor(
+        module, module.state_dict(), spandrel.MAIN_REGISTRY.get("GFPGAN").architecture, purpose="FaceSR", tags=[],
+        supports_half=True, supports_bfloat16=True, scale=1, input_channels=3, output_channels=3)
+    with pytest.raises(RunnerError, match=r"^models\.face\.path: /x/face\.pth is a GFPGAN model for FaceSR, not an "
+                                          r"upscaler \(kind = \"upscaler\" takes SR or Restoration models\)$"):
+        check_upscaler(face_restorer, Path("/x/face.pth"), "models.face.path")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_spandrel_imports_with_or_without_torchvision_and_normalize_is_torchvisions() -> None:
+    """Where torchvision does not import (CI: a CPU torch), spandrel gets the stand-in; either
+    way RestoreFormer's normalize computes (x − mean) / std per channel."""
+    import sys
+
+    import torch
+
+    from chaoqing.modelserver.runners.spandrel_backend import import_spandrel
+
+    import_spandrel()
+    functional = sys.modules["torchvision.transforms.functional"]
+    image = torch.rand(2, 3, 5, 4)
+    expected = (image - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.5, 0.2, 0.1]).view(3, 1, 1)
+    assert torch.allclose(functional.normalize(image, [0.5, 0.4, 0.3], [0.5, 0.2, 0.1]), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_missing_spandrel_says_how_to_install_it(compact_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # its import now fails, as if it were not installed
+    model = UserModel("mine", str(compact_file))
+    with pytest.raises(RunnerError, match=r"^models\.mine\.path: PyTorch model files need spandrel, which is not "
+                                          r"installed: pip install 'chaoqing\[spandrel\]' && pip install --no-deps "
+                                          r"spandrel==0\.4\.2"):
+        create_runner("mine", RunnerSettings(runtime="torch", user_models={"mine": model}))
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_model_server_command_refuses_a_bad_file_in_one_line_before_it_listens(tmp_path: Path) -> None:
     import torch

@@ -138,9 +138,12 @@ def load_descriptor(path: Path, where: str) -> Any:
 
     Raises RunnerError, in one line naming the file and what was expected, when it is not a
     state dict, spandrel recognises no architecture in it, or the architecture cannot be built
-    from it.
+    from it; and when spandrel is not installed, saying how to install it.
     """
-    spandrel = import_spandrel()
+    try:
+        spandrel = import_spandrel()
+    except RunnerError as exc:
+        raise RunnerError(f"{where}: {exc}") from exc
     loader = spandrel.ModelLoader(device="cpu")
     try:
         state_dict = loader.load_state_dict_from_file(path)
