@@ -38,8 +38,8 @@ from chaoqing.config import (
 from chaoqing.errors import ConfigError, RunnerError, SupervisorError
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.remote import RemoteModel, RemoteModels
-from chaoqing.gateway.server import GatewayServer, open_models, wait_until_ready
-from chaoqing.gateway.supervisor import ModelServerSupervisor
+from chaoqing.gateway.server import GatewayServer
+from chaoqing.gateway.supervisor import ModelServerSupervisor, _write_user_models
 from chaoqing.modelserver.app import ModelServer, ModelServerOptions
 from chaoqing.modelserver.runners import RunnerSettings, create_runner
 from chaoqing.modelserver.runners.upscaler import EDGE_PADDING_PX, UpscalerRunner
@@ -178,13 +178,6 @@ def start_gateway(config: Config, endpoints: dict[str, tuple[str, ...]]) -> Gate
     gateway = GatewayServer(config, RemoteModels.from_config(config, metrics), metrics=metrics, watch_hub=False)
     gateway.start()
     return gateway
-
-
-def user_config(models: dict[str, UserModel], preset_model: str, **changes: Any) -> Config:
-    """A gateway config whose preset ``mine`` upscales with ``preset_model`` (no faces)."""
-    preset = Preset("mine", preset_model, None, "a model file of the user's")
-    return Config(port=0, detector="sim-detector", presets={"mine": preset}, preset="mine", models=models,
-                  **changes)
 
 
 # --- the config --------------------------------------------------------------------------------
@@ -498,6 +491,38 @@ def test_each_wrong_onnx_file_is_said_in_one_line_naming_it(tmp_path: Path) -> N
         assert "\n" not in str(raised.value)
 
 
+def write_ncnn_upscaler(param_path: Path) -> Path:
+    """The ONNX upscaler's operations as ncnn files: Convolution 1×1 (3 → 12, bias) then
+    PixelShuffle ×2 in PyTorch's order (mode 0), blobs ``images`` → ``result``."""
+    weight_count = ONNX_WEIGHTS.size
+    param_path.write_text(
+        "7767517\n3 3\n"
+        "Input in0 0 1 images\n"
+        f"Convolution conv 1 1 images features 0={3 * ONNX_SCALE**2} 1=1 5=1 6={weight_count}\n"
+        f"PixelShuffle shuffle 1 1 features result 0={ONNX_SCALE}\n")
+    # ncnn's ModelBin: the weights after a 4-byte tag (0: float32), the bias raw
+    param_path.with_suffix(".bin").write_bytes(
+        np.int32(0).tobytes() + ONNX_WEIGHTS.astype("<f4").tobytes() + ONNX_BIAS.astype("<f4").tobytes())
+    return param_path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_an_ncnn_file_runs_exactly_as_its_layers_say(tmp_path: Path, photo: np.ndarray) -> None:
+    path = write_ncnn_upscaler(tmp_path / "tiny.param")
+    config = config_from_mapping({"models": {"tiny-ncnn": {"path": str(path), "license": "MIT"}}})
+    model = config.models["tiny-ncnn"]
+    assert model.runtime == "ncnn"
+    runner = create_runner("tiny-ncnn", RunnerSettings(threads=1, user_models=config.models))
+    try:
+        assert runner.spec.platform == "ncnn" and runner.spec.parameters["scale"] == ONNX_SCALE
+        assert runner.spec.parameters["architecture"] == "ncnn" and runner.spec.parameters["license"] == "MIT"
+        output = runner.run({"image": photo[np.newaxis]})["image"][0]
+    finally:
+        runner.close()
+    assert levels_apart(output, onnx_upscaler_by_numpy(photo)) <= ONE_LEVEL
+
+
 @pytest.mark.timeout(10)
 def test_an_ncnn_param_file_names_its_blobs_or_is_refused(tmp_path: Path) -> None:
     from chaoqing.modelserver.runners.user_models import ncnn_blob_names
@@ -560,33 +585,54 @@ def supervised() -> Iterator[list[ModelServerSupervisor]]:
         supervisor.stop(grace_s=5.0)
 
 
+@pytest.mark.timeout(30)
+def test_the_supervisor_hands_a_child_its_table_and_runtime(tmp_path: Path) -> None:
+    """What ``chaoqing serve --config`` starts for a user model: ``--runtime`` and ``--config``
+    from the table (in a private file that stop() removes); the other children get neither."""
+    weights = tmp_path / "model.onnx"
+    weights.write_bytes(b"")
+    model = UserModel("mine", str(weights), runtime="openvino", license="CC0-1.0")
+    settings = ModelServerSettings(compute_slots=0, runtime="ncnn")
+    supervisor = ModelServerSupervisor(["mine", "realesrgan-x4plus"], settings, user_models={"mine": model})
+    assert supervisor.user_models == {"mine": model}
+    supervisor.user_models_directory = _write_user_models(supervisor.user_models.values())
+    command = supervisor._command(supervisor._children["mine"])
+    assert command[command.index("--runtime") + 1] == "openvino"
+    tables = Path(command[command.index("--config") + 1])
+    assert load_config(tables, environ={}).models == {"mine": model}
+    bundled = supervisor._command(supervisor._children["realesrgan-x4plus"])
+    assert bundled[bundled.index("--runtime") + 1] == "ncnn" and "--config" not in bundled
+    supervisor.stop(grace_s=0.1)
+    assert not tables.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_serve_starts_a_child_for_a_users_file_and_the_gateway_uses_it(
-        tmp_path: Path, photo: np.ndarray, compact_file: Path, supervised: list[ModelServerSupervisor]) -> None:
-    """What ``chaoqing serve --config`` does: the supervisor hands the table to the child (--config)."""
-    model = UserModel("my-compact", str(compact_file), license="CC0-1.0")
-    config = user_config({"my-compact": model}, "my-compact",
-                         model_server=ModelServerSettings(compute_slots=0, threads=2),
-                         endpoints={"sim-detector": ("http://127.0.0.1:9",)})
-    remotes, supervisor = open_models(config, ["my-compact"])
-    assert supervisor is not None
-    supervised.append(supervisor)
-    command = supervisor._command(supervisor._children["my-compact"])
-    assert command[command.index("--runtime") + 1] == "torch"
-    tables = Path(command[command.index("--config") + 1])
-    assert load_config(tables, environ={}).models == {"my-compact": model}
-    wait_until_ready(remotes, ["my-compact"], timeout_s=120)
-    url = supervisor.endpoints["my-compact"][0]
-    assert requests.get(f"{url}/v2/models/my-compact", timeout=10).json()["parameters"]["license"] == "CC0-1.0"
-    gateway = start_gateway(config, {"my-compact": (url,)})
+def test_serve_command_serves_a_preset_naming_a_users_file(tmp_path: Path, photo: np.ndarray) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    save_state_dict(spandrel_module("Compact"), tmp_path / "2x-compact.pth")
+    every_preset = "".join(f'[presets.{name}]\nupscaler = "mine"\nface_model = ""\n'
+                           for name in ("fast", "balanced", "quality", "anime"))  # nothing else to start
+    config_file = tmp_path / "chaoqing.toml"
+    config_file.write_text('preset = "mine"\ndetector = "sim-detector"\n[model_server]\ncompute_slots = 0\n'
+                           'threads = 1\n[models.mine]\npath = "2x-compact.pth"\nlicense = "MIT"\n'
+                           f'[presets.mine]\nupscaler = "mine"\nface_model = ""\n{every_preset}')
+    command = [sys.executable, "-m", "chaoqing", "serve", "--port", "0", "--config", str(config_file),
+               "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        output = enhance_through_gateway(gateway.url, photo, 2, "mine")
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "chaoqing serving on" in line, line
+        output = enhance_through_gateway(line.split("serving on ")[1].split()[0], photo, 2, "mine")
     finally:
-        gateway.stop(grace_s=1.0)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
     assert levels_apart(output, torch_module_upscale(spandrel_module("Compact"), photo, 2)) <= ONE_LEVEL
-    supervisor.stop(grace_s=5.0)
-    assert not tables.exists()
 
 
 @pytest.mark.slow
