@@ -30,7 +30,7 @@ from PIL import Image
 
 from chaoqing import doctor
 from chaoqing.cli import cli
-from chaoqing.config import Config
+from chaoqing.config import Config, JobSettings
 
 StartGateway = Callable[..., SimGateway]
 
@@ -165,8 +165,9 @@ def test_enhance_a_folder_of_10_photos_with_a_progress_bar_and_a_summary(
         with Image.open(written) as image:
             assert image.size == (2 * width, 2 * height)
             assert image.format == ("JPEG" if name.endswith(".jpg") else "PNG")
-    assert gateway.metrics.sample("chaoqing_requests_total",
-                                  {"route": "/v1/enhance", "status": "200", "preset": "balanced"}) == 10
+    # each photo went as a job (its progress shown), deleted once its result was fetched
+    assert gateway.metrics.sample("chaoqing_jobs_submitted_total") == 10
+    assert gateway.metrics.sample("chaoqing_jobs_ended_total", {"outcome": "done"}) == 10
 
     # again, with a photo that is not one: the done ones are skipped, the broken one is named
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
@@ -189,7 +190,9 @@ def test_enhance_a_folder_of_10_photos_with_a_progress_bar_and_a_summary(
 @pytest.mark.timeout(120)
 def test_enhance_runs_photos_concurrently(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
     upscale_s = 0.4
-    gateway = start_sim_gateway(upscale_ms=upscale_s * 1000, detect_ms=5, face_ms=10, faces=1)
+    # the photos go as jobs: the gateway must run 4 at once too ([jobs] max_running, 1 by default)
+    gateway = start_sim_gateway(upscale_ms=upscale_s * 1000, detect_ms=5, face_ms=10, faces=1,
+                                jobs=JobSettings(spool_dir=str(tmp_path / "spool"), max_running=4))
     photos = tmp_path / "photos"
     _photo_folder(photos, count=8)
     completed = run_cli("enhance", str(photos), "-o", str(tmp_path / "out"), "--server", gateway.url, "-j", "4",
@@ -198,6 +201,27 @@ def test_enhance_runs_photos_concurrently(start_sim_gateway: StartGateway, tmp_p
     summary = _summary_line(completed.stderr)
     seconds = float(summary.rsplit(";", 1)[1].strip().rstrip(" s"))
     assert seconds < 8 * upscale_s * 0.75, f"{summary}: 8 photos 4 at a time take about 2 upscales, not 8"
+
+
+@pytest.mark.timeout(120)
+def test_enhance_passes_face_strength_and_matching_to_the_server(start_sim_gateway: StartGateway,
+                                                                 tmp_path: Path) -> None:
+    gateway = start_sim_gateway(upscale_ms=5, detect_ms=5, face_ms=5, faces=1,
+                                jobs=JobSettings(spool_dir=str(tmp_path / "spool")))
+    photos = tmp_path / "photos"
+    _photo_folder(photos, count=1)
+    outputs = {}
+    for name, flags in (("none", ["--face-strength", "0", "--no-face-colour", "--no-face-texture"]),
+                        ("plain", ["--no-faces"]), ("full", ["--face-strength", "1", "--no-face-colour"])):
+        completed = run_cli("enhance", str(photos), "-o", str(tmp_path / name), "--server", gateway.url, *flags,
+                            timeout=60)
+        assert completed.returncode == 0, completed.stderr
+        [output] = (tmp_path / name).iterdir()
+        outputs[name] = np.asarray(Image.open(output).convert("RGB"), dtype=int)
+    assert np.array_equal(outputs["none"], outputs["plain"]), "strength 0 leaves the background's own face"
+    assert not np.array_equal(outputs["full"], outputs["plain"]), "strength 1 pastes sim-face's brightened face"
+    completed = run_cli("enhance", str(photos), "--face-strength", "2", timeout=30)
+    assert completed.returncode != 0 and "--face-strength" in completed.stderr
 
 
 @pytest.mark.timeout(60)

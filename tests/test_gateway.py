@@ -98,7 +98,8 @@ def test_enhance_raw_body_returns_the_photo_with_timings_and_face_counts(gateway
 
 def test_faces_are_pasted_where_the_detector_put_them(gateway: SimGateway) -> None:
     photo = _smooth_photo(200, 100)
-    with_faces = _decode(_post(gateway, _encode(photo), "?scale=2"))
+    unmatched = "&face_colour=false&face_texture=false"  # the face model's own pixels, as pasted
+    with_faces = _decode(_post(gateway, _encode(photo), "?scale=2" + unmatched))
     without = _decode(_post(gateway, _encode(photo), "?scale=2&faces=false"))
     difference = with_faces.astype(int) - without.astype(int)
     changed = np.abs(difference).max(axis=2) > 0
@@ -108,6 +109,27 @@ def test_faces_are_pasted_where_the_detector_put_them(gateway: SimGateway) -> No
     centre_gain = difference[100, 100].mean()
     assert FACE_MARK_LEVELS - 3 <= centre_gain <= FACE_MARK_LEVELS + 1
     assert not changed[0, 0] and not changed[-1, -1], "corners are outside both faces"
+
+
+def test_face_strength_and_colour_match_the_face_to_its_photo(gateway: SimGateway) -> None:
+    photo = _encode(_smooth_photo(200, 100))
+    without = _decode(_post(gateway, photo, "?scale=2&faces=false")).astype(int)
+    unmatched = "&face_colour=false&face_texture=false"
+    half = _decode(_post(gateway, photo, "?scale=2&face_strength=0.5" + unmatched)).astype(int)
+    assert FACE_MARK_LEVELS / 2 - 2 <= (half - without)[100, 100].mean() <= FACE_MARK_LEVELS / 2 + 1
+    none = _decode(_post(gateway, photo, "?scale=2&face_strength=0" + unmatched)).astype(int)
+    assert np.array_equal(none, without), "strength 0 is the background's own face"
+    # by default the face takes the photo's colours: sim-face's uniform brightening is a colour
+    # shift, and the colour match undoes it (while a real face model's detail would stay)
+    matched = _decode(_post(gateway, photo, "?scale=2&face_texture=false")).astype(int)
+    assert abs((matched - without)[100, 100].mean()) <= 3
+    for bad in ("1.5", "-0.1", "strong", "nan"):
+        response = requests.post(f"{gateway.url}/v1/enhance?face_strength={bad}", data=photo,
+                                 headers={"Content-Type": "image/png"}, timeout=30)
+        assert response.status_code == 400 and "face_strength" in response.json()["error"]["message"], response.text
+    response = requests.post(f"{gateway.url}/v1/enhance?face_colour=maybe", data=photo,
+                             headers={"Content-Type": "image/png"}, timeout=30)
+    assert response.status_code == 400 and "face_colour" in response.json()["error"]["message"], response.text
 
 
 def test_multipart_upload_and_request_id_echo(gateway: SimGateway) -> None:

@@ -1,4 +1,6 @@
-"""The web page at ``/``: its files, and a real headless Chromium using it against a sim gateway.
+"""The web page at ``/``: its files, and a real headless Chromium using it against a sim gateway:
+a photo through a job (POST /v1/jobs, its event stream or GET, the result) with the progress
+seen rising, the before/after comparison, the download, errors, cancel, and API keys.
 
 The browser runs in a subprocess (tests/web_browser.py, Playwright's sync API) while this
 monkey-patched process serves the gateway. Debian's Chromium is used (``apt-get install
@@ -18,14 +20,17 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import requests
 from conftest import SimGateway
+from fakes import FakeV2Server
 from PIL import Image
 
-from chaoqing.config import Limits
+from chaoqing.config import JobSettings, TileSettings
 
 StartGateway = Callable[..., SimGateway]
 
@@ -34,6 +39,11 @@ CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 API_KEY = "web-page-test-key"
 MAX_OUTPUT_PIXELS = 2_000_000  # the photo at ×2 (1 MP) passes, at ×4 (4.2 MP) does not
 SCALE = 2
+# tiles of at most 128 input pixels (the least the default overlap and margin allow is 65), two
+# at a time, each batch TILE_LATENCY_MS: the 512×512 photo takes a few seconds in many steps
+SMALL_TILES = TileSettings(tile_size=128, max_concurrent_tiles=2)
+TILE_LATENCY_MS = 150
+PROGRESS_TEXT = re.compile(r"^(\d+) of (\d+) (tiles|faces)$")
 
 
 def _chromium() -> str | None:
@@ -70,6 +80,20 @@ def _astronaut_png(side: int = 512) -> bytes:
     return buffer.getvalue()
 
 
+def _counts(values: list[list[Any]], unit: str) -> list[tuple[int, int]]:
+    """(done, total) of each value a bar showed, from its aria-valuetext ("3 of 12 tiles"),
+    checked against the bar's own value and max."""
+    counts = []
+    for value, maximum, text in values:
+        match = PROGRESS_TEXT.match(text or "")
+        if match is None or match.group(3) != unit:
+            continue
+        done, total = int(match.group(1)), int(match.group(2))
+        assert value == done and maximum == max(1, total), (value, maximum, text)
+        counts.append((done, total))
+    return counts
+
+
 # -- the files --------------------------------------------------------------------------------
 
 
@@ -96,10 +120,12 @@ def test_the_page_and_its_files_are_served_without_external_resources(start_sim_
 @pytest.mark.timeout(180)
 def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: StartGateway, tmp_path: Path) -> None:
     chromium = _require_browser()
-    # a slow enough upscale that the page's "working" state can be seen
-    gateway = start_sim_gateway(upscale_ms=900, detect_ms=20, face_ms=50, faces=2,
-                                limits=Limits(max_output_pixels=MAX_OUTPUT_PIXELS))
+    # small, slow enough tiles that the job's progress rises in steps the page can show
+    gateway = start_sim_gateway(upscale_ms=TILE_LATENCY_MS, detect_ms=20, face_ms=300, faces=2, tiles=SMALL_TILES,
+                                jobs=JobSettings(spool_dir=str(tmp_path / "spool"), max_output_pixels=MAX_OUTPUT_PIXELS))
     keyed = start_sim_gateway(upscale_ms=20, detect_ms=5, face_ms=10, faces=1, api_keys=(API_KEY,))
+    broken_upscaler = FakeV2Server("error_500", model="sim-upscale-x4")
+    failing = start_sim_gateway(faces=0, endpoints={"sim-upscale-x4": (broken_upscaler.url,)})
     photo = tmp_path / "astronaut.png"
     photo.write_bytes(_astronaut_png())
     not_a_photo = tmp_path / "notes.png"
@@ -108,15 +134,16 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     scenario = {
         "url": f"{gateway.url}/", "keyed_url": f"{keyed.url}/", "api_key": API_KEY, "photo": str(photo),
         "not_a_photo": str(not_a_photo), "output": str(output), "chromium": chromium, "timeout_s": 30,
+        "failing_url": f"{failing.url}/",
     }
     scenario_path = tmp_path / "scenario.json"
     scenario_path.write_text(json.dumps(scenario))
-    requests_before = gateway.metrics.sample(
-        "chaoqing_requests_total", {"route": "/v1/enhance", "status": "200", "preset": "balanced"}
-    )
 
-    completed = subprocess.run([sys.executable, str(BROWSER_SCRIPT), str(scenario_path)], check=False,
-                               capture_output=True, text=True, timeout=150)
+    try:
+        completed = subprocess.run([sys.executable, str(BROWSER_SCRIPT), str(scenario_path)], check=False,
+                                   capture_output=True, text=True, timeout=150)
+    finally:
+        broken_upscaler.stop()
     results_path = output / "results.json"
     assert results_path.exists(), f"the browser script wrote no results:\n{completed.stdout}\n{completed.stderr}"
     results = json.loads(results_path.read_text())
@@ -132,9 +159,23 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     assert results["chosen_info"].startswith("512 × 512")
     assert results["output_size_hint"] == "512 × 512 → 1024 × 1024 pixels"
 
-    # progress while the server works
-    assert results["progress_visible"] and results["progress_indeterminate"] and results["cancel_visible"]
-    assert results["progress_label"].startswith("Enhancing")
+    # the job's progress as the page showed it: the tiles bar rising through values between
+    # 0 and the total, the faces counted, the stages named, an ETA, the elapsed time moving
+    assert results["progress_visible"] and results["cancel_visible"]
+    assert results["tiles_bar_by_role"] == 1 and results["faces_bar_by_role"] == 1
+    seen = results["progress_seen"]
+    tiles = _counts(seen["tiles"], "tiles")
+    assert tiles, seen["tiles"]
+    total = tiles[-1][1]
+    assert tiles[-1] == (total, total) and total >= 6, tiles
+    intermediate = sorted({done for done, _ in tiles if 0 < done < total})
+    assert len(intermediate) >= 3, f"the tiles bar should rise in steps: {tiles}"
+    assert [done for done, _ in tiles] == sorted(done for done, _ in tiles), "progress never goes back"
+    faces = _counts(seen["faces"], "faces")
+    assert faces[-1] == (2, 2), seen["faces"]
+    assert "enhance" in seen["stages"] and seen["stages"][-1] == "download", seen["stages"]
+    assert "Upscaling and enhancing faces" in seen["labels"], seen["labels"]
+    assert any(eta.startswith("About ") and eta.endswith(" left") for eta in seen["etas"]), seen["etas"]
     first, second = (float(text.rstrip(" s")) for text in results["elapsed_moved"])
     assert second > first, results["elapsed_moved"]
     assert results["progress_hidden_after"]
@@ -173,9 +214,6 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
                            headers={"Content-Type": "image/png"}, timeout=30)
     assert direct.status_code == 200
     np.testing.assert_array_equal(np.asarray(downloaded), np.asarray(Image.open(io.BytesIO(direct.content))))
-    assert gateway.metrics.sample(
-        "chaoqing_requests_total", {"route": "/v1/enhance", "status": "200", "preset": "balanced"}
-    ) == requests_before + 2
 
     # errors: the JSON error body, shown with a hint
     assert results["error_visible"] and results["error_code"] == "invalid_image"
@@ -183,11 +221,35 @@ def test_the_web_page_enhances_a_photo_in_a_real_browser(start_sim_gateway: Star
     assert results["limit_error_code"] == "image_too_large" and results["limit_uploads"] == 0
     assert results["limit_error_message"] == "the output would have 4.2 megapixels; this gateway makes at most 2.0"
 
+    # the event stream refused: followed by GET, through two 503s and the same progress, to the result
+    assert results["polls_without_stream"] >= 3
+    polled = _counts(results["polled_progress_seen"]["tiles"], "tiles")
+    assert polled[-1] == (total, total) and any(0 < done < total for done, _ in polled), polled
+    assert results["polled_after_natural_size"] == [1024, 1024]
+    assert "Lost contact with the gateway; trying again…" in results["polled_progress_seen"]["labels"]
+
+    # cancel: one DELETE, the job cancelled with tiles left undone, the page ready for another go
+    assert len(results["deletes"]) == 1, results["deletes"]
+    cancelled = requests.get(f"{gateway.url}{urlsplit(results['deletes'][0]).path}", timeout=5).json()
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["progress"]["tiles"]["done"] < cancelled["progress"]["tiles"]["total"], cancelled
+    assert results["cancelled_progress_hidden"] and results["cancelled_error_hidden"]
+    assert results["enhance_enabled_after_cancel"]
+    assert gateway.metrics.sample("chaoqing_jobs_submitted_total") == 3  # the main run, the polled one, the cancelled one
+
     # a gateway with keys: 401 asks for the key, which then works and is remembered
     assert results["key_details_open_at_start"]
     assert results["keyless_error_code"] == "unauthorized" and results["key_field_focused"] == "api-key"
     assert results["keyed_faces_text"] == "not enhanced"  # the fast preset has no face model
+    assert results["keyed_event_streams"] == 0 and results["keyed_results"] == 1  # EventSource sends no key: GET
     assert results["key_after_reload"] == API_KEY
+
+    # a job that failed shows its reason; one that vanished says it is gone
+    failed = results["failed_job_error"]
+    assert failed["code"] == "model_error" and "broke on purpose" in failed["message"], failed
+    lost = results["lost_job_error"]
+    assert lost["code"] == "job_not_found" and lost["message"].startswith("The job is gone"), lost
+    assert lost["hint"] == "Enhance the photo again."
 
     screenshot = Image.open(output / "web-page.png")
     assert screenshot.width == 1280 and screenshot.height >= 700

@@ -8,6 +8,7 @@ event loop. Usage::
 
 SCENARIO.json names the page ``url``, the ``photo`` and ``not_a_photo`` files to upload, the
 ``output`` folder, optionally ``keyed_url`` + ``api_key`` (a gateway that requires a key),
+``failing_url`` (a gateway whose upscaler fails),
 ``chromium`` (the executable) and ``timeout_s``. Writes ``results.json``, ``web-page.png``,
 the downloaded file and screenshots of the comparison into ``output``. Every check is the
 caller's: this script only records.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1280, "height": 860}
 DIVIDER_MARGIN_PX = 28  # columns this close to the divider (its line and handle) are not compared
 SPLIT_AFTER_DRAG = 0.7  # the mouse drags the divider from 30% to 70% of the photo's width
+JOB_URL = re.compile(r"/v1/jobs/[0-9a-f]{32}$")  # GET (or DELETE) one job
 
 
 def _image(png: bytes) -> np.ndarray:
@@ -55,6 +58,31 @@ def _band(array: np.ndarray) -> np.ndarray:
 
 def _mean_difference(first: np.ndarray, second: np.ndarray, columns: slice) -> float:
     return float(np.abs(_band(first)[:, columns] - _band(second)[:, columns]).mean())
+
+
+# records every value the page's progress shows, as it shows it (a MutationObserver, so no
+# value between two looks is missed): the bars' value/max/aria-valuetext, the stage, the ETA
+RECORD_PROGRESS = """() => {
+  const seen = { tiles: [], faces: [], stages: [], labels: [], etas: [] };
+  window.progressSeen = seen;
+  const push = (list, item) => {
+    if (JSON.stringify(list[list.length - 1]) !== JSON.stringify(item)) list.push(item);
+  };
+  const bar = (id) => {
+    const element = document.getElementById(id);
+    return [element.hasAttribute('value') ? element.value : null, element.max, element.getAttribute('aria-valuetext')];
+  };
+  const record = () => {
+    push(seen.tiles, bar('progress-bar'));
+    if (!document.getElementById('faces-meter').hidden) push(seen.faces, bar('faces-bar'));
+    push(seen.stages, document.getElementById('progress').dataset.stage || '');
+    push(seen.labels, document.getElementById('progress-label').textContent);
+    const eta = document.getElementById('eta').textContent;
+    if (eta) push(seen.etas, eta);
+  };
+  new MutationObserver(record).observe(document.getElementById('progress'),
+    { attributes: true, childList: true, subtree: true, characterData: true });
+}"""
 
 
 def _state(page: Page) -> str:
@@ -81,19 +109,28 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     page.select_option("#preset", "balanced")
     page.fill("#scale", "2")
     results["output_size_hint"] = page.inner_text("#output-size-hint")
+    page.evaluate(RECORD_PROGRESS)
     page.click("#enhance-button")
 
-    # while the server works: an indeterminate bar and an elapsed time that moves
+    # while the job runs: the bars (found by role and name, as a screen reader would), the
+    # stage, an elapsed time that moves, an ETA
     _wait_state(page, "working", timeout_s)
+    page.wait_for_function("/^[1-9]\\d* of /.test(document.getElementById('tiles-text').textContent)",
+                           timeout=timeout_s * 1000)
     results["progress_visible"] = page.is_visible("#progress")
-    results["progress_indeterminate"] = page.evaluate("!document.getElementById('progress-bar').hasAttribute('value')")
-    results["progress_label"] = page.inner_text("#progress-label")
+    results["tiles_bar_by_role"] = page.get_by_role("progressbar", name="Tiles").count()
+    results["faces_bar_by_role"] = page.get_by_role("progressbar", name="Faces").count()
     first_elapsed = page.inner_text("#elapsed")
     page.wait_for_timeout(350)
     results["elapsed_moved"] = [first_elapsed, page.inner_text("#elapsed")]
     results["cancel_visible"] = page.is_visible("#cancel-button")
+    results["eta_text"] = page.inner_text("#eta")
+    page.evaluate("document.activeElement.blur()")
+    page.mouse.move(0, 0)
+    page.screenshot(path=str(output / "web-page-progress.png"), full_page=True)
 
     _wait_state(page, "done", timeout_s)
+    results["progress_seen"] = page.evaluate("window.progressSeen")
     page.wait_for_function(
         "document.getElementById('after-image').complete && document.getElementById('before-image').complete"
     )
@@ -182,7 +219,7 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     page.screenshot(path=str(output / "web-page-error.png"), full_page=True)
 
     # over the gateway's output limit (from its OpenAPI document): said before uploading
-    enhance_calls = sum("/v1/enhance" in url for url in results["requests"])
+    enhance_calls = sum("/v1/jobs?" in url for url in results["requests"])
     page.set_input_files("#file-input", scenario["photo"])
     page.wait_for_function("document.getElementById('chosen-info').textContent.includes('×')")
     page.fill("#scale", "4")
@@ -190,7 +227,49 @@ def _run_main_flow(page: Page, scenario: dict[str, Any], output: Path, results: 
     _wait_state(page, "error", timeout_s)
     results["limit_error_code"] = page.inner_text("#error-code")
     results["limit_error_message"] = page.inner_text("#error-message")
-    results["limit_uploads"] = sum("/v1/enhance" in url for url in results["requests"]) - enhance_calls
+    results["limit_uploads"] = sum("/v1/jobs?" in url for url in results["requests"]) - enhance_calls
+
+    # the event stream refused: the page follows the job by GET instead, to the result, through
+    # two GETs answered 503 (as a gateway that restarts may)
+    page.fill("#scale", "2")
+    page.route("**/events", lambda route: route.abort())
+    unavailable = {"left": 2}
+
+    def restarting(route: Any) -> None:
+        if unavailable["left"] > 0:
+            unavailable["left"] -= 1
+            route.fulfill(status=503, content_type="application/json",
+                          body=json.dumps({"error": {"code": "shutting_down", "message": "restarting"}}))
+        else:
+            route.continue_()
+
+    page.route(JOB_URL, restarting)
+    polls_before = len(_job_polls(results))
+    page.evaluate(RECORD_PROGRESS)
+    page.click("#enhance-button")
+    _wait_state(page, "done", timeout_s)
+    page.wait_for_function("document.getElementById('after-image').complete")
+    page.unroute("**/events")
+    page.unroute(JOB_URL)
+    results["polled_progress_seen"] = page.evaluate("window.progressSeen")
+    results["polls_without_stream"] = len(_job_polls(results)) - polls_before
+    results["polled_after_natural_size"] = page.evaluate(
+        "[document.getElementById('after-image').naturalWidth, document.getElementById('after-image').naturalHeight]"
+    )
+
+    # cancel while the tiles are being done: a DELETE, and the page ready again
+    page.click("#enhance-button")
+    page.wait_for_function("/^[1-9]\\d* of /.test(document.getElementById('tiles-text').textContent)",
+                           timeout=timeout_s * 1000)
+    page.click("#cancel-button")
+    _wait_state(page, "cancelled", timeout_s)
+    results["cancelled_progress_hidden"] = not page.is_visible("#progress")
+    results["cancelled_error_hidden"] = not page.is_visible("#error")
+    results["enhance_enabled_after_cancel"] = page.is_enabled("#enhance-button")
+
+
+def _job_polls(results: dict[str, Any]) -> list[str]:
+    return [url for url in results["requests"] if JOB_URL.search(url)]
 
 
 def _run_api_key_flow(context: BrowserContext, scenario: dict[str, Any], results: dict[str, Any]) -> None:
@@ -209,9 +288,41 @@ def _run_api_key_flow(context: BrowserContext, scenario: dict[str, Any], results
     page.click("#enhance-button")
     _wait_state(page, "done", timeout_s)
     results["keyed_faces_text"] = page.inner_text("#faces-result")
+    keyed_host = urlsplit(scenario["keyed_url"]).netloc
+    keyed = [url for url in results["requests"] if urlsplit(url).netloc == keyed_host]
+    results["keyed_event_streams"] = sum(url.endswith("/events") for url in keyed)
+    results["keyed_results"] = sum(url.endswith("/result") for url in keyed)
     page.reload()
     page.wait_for_timeout(300)
     results["key_after_reload"] = page.input_value("#api-key")
+    page.close()
+
+
+def _error_shown(page: Page) -> dict[str, str]:
+    return {"code": page.inner_text("#error-code"), "message": page.inner_text("#error-message"),
+            "hint": page.inner_text("#error-hint")}
+
+
+def _run_failure_flow(context: BrowserContext, scenario: dict[str, Any], results: dict[str, Any]) -> None:
+    """A gateway whose upscaler fails: the failed job's reason shown; then a job that vanishes
+    (its GET answers 404 job_not_found, made so here) shown as gone."""
+    timeout_s = float(scenario.get("timeout_s", 30))
+    page = context.new_page()
+    page.goto(scenario["failing_url"])
+    page.wait_for_timeout(300)
+    page.set_input_files("#file-input", scenario["photo"])
+    page.select_option("#preset", "fast")
+    page.click("#enhance-button")
+    _wait_state(page, "error", timeout_s)
+    results["failed_job_error"] = _error_shown(page)
+
+    page.route("**/events", lambda route: route.abort())
+    page.route(JOB_URL, lambda route: route.fulfill(
+        status=404, content_type="application/json",
+        body=json.dumps({"error": {"code": "job_not_found", "message": "no such job"}})))
+    page.click("#enhance-button")
+    _wait_state(page, "error", timeout_s)
+    results["lost_job_error"] = _error_shown(page)
     page.close()
 
 
@@ -219,10 +330,11 @@ def main(scenario_path: str) -> int:
     scenario = json.loads(Path(scenario_path).read_text())
     output = Path(scenario["output"])
     output.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"console_errors": [], "requests": []}
+    results: dict[str, Any] = {"console_errors": [], "requests": [], "deletes": []}
     allowed_hosts = {urlsplit(scenario["url"]).netloc}
-    if scenario.get("keyed_url"):
-        allowed_hosts.add(urlsplit(scenario["keyed_url"]).netloc)
+    for name in ("keyed_url", "failing_url"):
+        if scenario.get(name):
+            allowed_hosts.add(urlsplit(scenario[name]).netloc)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chaoqing-chromium-") as profile, sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
@@ -238,6 +350,8 @@ def main(scenario_path: str) -> int:
 
         def on_request(request: Any) -> None:
             results["requests"].append(request.url)
+            if request.method == "DELETE":
+                results["deletes"].append(request.url)
 
         context.on("console", on_console)
         context.on("request", on_request)
@@ -247,6 +361,8 @@ def main(scenario_path: str) -> int:
             _run_main_flow(page, scenario, output, results)
             if scenario.get("keyed_url"):
                 _run_api_key_flow(context, scenario, results)
+            if scenario.get("failing_url"):
+                _run_failure_flow(context, scenario, results)
         # a step that failed (Playwright's errors and timeouts, a missing element, a download
         # that is no image, a value that is no number): recorded for the test to show, with a
         # picture of the moment; anything else is a bug here and ends the script with a traceback

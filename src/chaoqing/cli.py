@@ -303,9 +303,18 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
                    "true of the output.  [default: keep; the config's [encode] strip_metadata]")
 @click.option("--strip-gps/--keep-gps", "strip_gps", default=None,
               help="Keep EXIF and XMP but without their GPS positions.  [default: keep; [encode] strip_gps]")
-@click.option("--server", default=None, metavar="URL", help="Use a running gateway instead of local model servers.")
+@click.option("--face-strength", default=None, type=click.FloatRange(0, 1),
+              help="How much of the face model's face to paste, 0 to 1 (the rest is the background's own face).  "
+                   "[default: the preset's]")
+@click.option("--face-colour/--no-face-colour", "face_colour", default=None,
+              help="Give enhanced faces the photo's own colours.  [default: the preset's, on]")
+@click.option("--face-texture/--no-face-texture", "face_texture", default=None,
+              help="Continue the photo's grain into enhanced faces.  [default: the preset's, on]")
+@click.option("--server", default=None, metavar="URL",
+              help="Use a running gateway instead of local model servers (each photo sent as a job, with its progress).")
 @click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server (or CHAOQING_API_KEY).")
-@click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Photos processed at once.")
+@click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Photos processed at once (with --server, as many as the gateway's [jobs] max_running allow).")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of input folders.")
 @click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False), help="TOML file.")
@@ -313,7 +322,7 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
               help="How much to log (stderr).")
 def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
             output_format: str | None, quality: int | None, strip_metadata: bool | None, strip_gps: bool | None,
-            server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
+            face_strength: float | None, face_colour: bool | None, face_texture: bool | None, server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
             config_path: str | None, log_level: str) -> None:
     """Enhance photos: files or folders of them.
 
@@ -323,6 +332,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
     chaoqing enhance a.png --server http://gpu-box:8080
 
     Photos whose output exists are skipped (--overwrite redoes them). Shows a progress bar,
+    and under it each photo's tiles, faces, stage and ETA (plain lines when not on a terminal),
     then a table of photos, faces and times. Exits with status 1 if any photo failed; each
     failure is named.
     """
@@ -346,6 +356,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
         config=config, preset=preset or config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
         quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
         strip_metadata=strip_metadata, strip_gps=strip_gps,
+        face_strength=face_strength, face_colour=face_colour, face_texture=face_texture,
     )
     summary = run_batch(planned, job)
     sys.exit(0 if summary.failed == 0 else 1)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -87,13 +88,31 @@ class Limits:
 
 @dataclass(frozen=True)
 class Preset:
-    """Which model does what. ``face_model`` None means faces are not enhanced."""
+    """Which model does what. ``face_model`` None means faces are not enhanced.
+
+    How an enhanced face is matched to its photo (``chaoqing.gateway.stages.face_match``):
+    ``face_strength`` in [0, 1] blends it with the background's own face (1: the model's face
+    alone), ``face_colour`` gives it the photo's colours, ``face_texture`` the photo's grain.
+    """
 
     name: str
     upscaler: str
     face_model: str | None
     description: str = ""
+    face_strength: float = 1.0
+    face_colour: bool = True
+    face_texture: bool = True
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.face_strength, (int, float)) and not isinstance(self.face_strength, bool)
+                and math.isfinite(self.face_strength) and 0.0 <= self.face_strength <= 1.0):
+            raise ConfigError(f"presets.{self.name}.face_strength: {self.face_strength!r} is not a number in [0, 1]")
+        for key in ("face_colour", "face_texture"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"presets.{self.name}.{key}: {getattr(self, key)!r} is not true or false")
+
+
+PRESET_FACE_MATCH_KEYS = ("face_strength", "face_colour", "face_texture")
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
@@ -613,7 +632,7 @@ def _parse_presets(raw: Any) -> dict[str, Preset]:
     for name, table in raw.items():
         if not isinstance(table, Mapping):
             raise ConfigError(f"presets.{name}: must be a table")
-        unknown = set(table) - {"upscaler", "face_model", "description"}
+        unknown = set(table) - {"upscaler", "face_model", "description", *PRESET_FACE_MATCH_KEYS}
         if unknown:
             raise ConfigError(f"presets.{name}: unknown key(s) {', '.join(sorted(unknown))}")
         base = presets.get(name)
@@ -621,8 +640,10 @@ def _parse_presets(raw: Any) -> dict[str, Preset]:
         if not isinstance(upscaler, str) or not upscaler:
             raise ConfigError(f"presets.{name}.upscaler: a model name is required")
         face_model = table.get("face_model", base.face_model if base else None) or None
+        face_match = {key: table.get(key, getattr(base, key) if base else getattr(Preset, key))
+                      for key in PRESET_FACE_MATCH_KEYS}
         presets[str(name)] = Preset(str(name), upscaler, None if face_model is None else str(face_model),
-                                    str(table.get("description", base.description if base else "")))
+                                    str(table.get("description", base.description if base else "")), **face_match)
     return presets
 
 

@@ -8,6 +8,8 @@
      │    ├── InvalidImage              400 invalid_image
      │    ├── UnsupportedMediaType      415 unsupported_media_type
      │    ├── ImageTooLarge             413 image_too_large
+     │    ├── EstimateExceedsDeadline   413 estimate_exceeds_deadline (a synchronous photo that cannot
+     │    │                                                        finish by its deadline: use /v1/jobs)
      │    ├── InvalidTensorRequest      400 invalid_tensor        (model server: bad v2 request)
      │    ├── BodyTooLarge              413 body_too_large        (model server)
      │    ├── SlowRequestBody           408 request_timeout       (the body did not arrive in time)
@@ -55,6 +57,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "DegenerateLandmarks",
+    "EstimateExceedsDeadline",
     "GatewayError",
     "HttpError",
     "ImageTooLarge",
@@ -108,6 +111,19 @@ class UnsupportedMediaType(InvalidRequest):
 
 class ImageTooLarge(InvalidRequest):
     """Bytes, input pixels or output pixels exceed the configured limits."""
+
+
+class EstimateExceedsDeadline(InvalidRequest):
+    """A synchronous request whose estimated compute (``estimate_s``) is longer than its
+    deadline (``deadline_s``): refused before any model call; POST /v1/jobs takes it.
+
+    413, as for ImageTooLarge: the content is larger than the server is able to process in a
+    synchronous request (RFC 9110 §15.5.14); the same photo is accepted as a job."""
+
+    def __init__(self, message: str, *, estimate_s: float, deadline_s: float) -> None:
+        super().__init__(message)
+        self.estimate_s = estimate_s
+        self.deadline_s = deadline_s
 
 
 class InvalidTensorRequest(InvalidRequest):
@@ -254,6 +270,7 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     InvalidImage: HttpError(400, "invalid_image"),
     UnsupportedMediaType: HttpError(415, "unsupported_media_type"),
     ImageTooLarge: HttpError(413, "image_too_large"),
+    EstimateExceedsDeadline: HttpError(413, "estimate_exceeds_deadline"),
     InvalidTensorRequest: HttpError(400, "invalid_tensor"),
     BodyTooLarge: HttpError(413, "body_too_large"),
     SlowRequestBody: HttpError(408, "request_timeout"),

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 
@@ -315,7 +315,14 @@ class _Service:
             stop_process(self.process, STOP_GRACE_S)  # SIGTERM: it drains and stops its model servers
 
 
-def _choose_photos(plan: LocalPlan, script: _Script, progress: Callable[[str], None]) -> list[_Photo]:
+class FaceCounter(Protocol):
+    """What chooses photos by their faces: the script, or bench presets' detector alone."""
+
+    def count_faces(self, rgb: Any) -> int:
+        """The faces the gateway would enhance in this RGB photo."""
+
+
+def _choose_photos(plan: LocalPlan, script: FaceCounter, progress: Callable[[str], None]) -> list[_Photo]:
     """The named photos, or for each face count the smallest photo of the folder with exactly
     that many faces."""
     from chaoqing.bench.models import _load_rgb

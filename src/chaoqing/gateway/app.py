@@ -2,7 +2,9 @@
 
 Routes::
 
-    POST /v1/enhance       image in (raw image/* body, or multipart field "image"), image out
+    POST /v1/enhance       image in (raw image/* body, or multipart field "image"), image out; refused
+                           at once (413 estimate_exceeds_deadline) when its estimated compute passes
+                           the deadline (chaoqing.gateway.estimate)
     POST /v1/jobs          the same in, 202 + Location: /v1/jobs/{id} (the photo is done in the background)
     GET  /v1/jobs/{id}     the job: status, progress (stage, tiles, faces, elapsed, ETA), result or error
     GET  /v1/jobs/{id}/result   the image of a done job
@@ -42,6 +44,7 @@ from greenlet import greenlet
 from chaoqing.config import Config
 from chaoqing.errors import (
     ChaoqingError,
+    EstimateExceedsDeadline,
     ImageTooLarge,
     InvalidParameter,
     JobNotFound,
@@ -53,11 +56,13 @@ from chaoqing.errors import (
     http_error_for,
     retry_after_for,
 )
+from chaoqing.gateway.estimate import ComputeEstimate, ComputeEstimator
 from chaoqing.gateway.jobs import JobService, job_document, key_digest
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.openapi import openapi_document
 from chaoqing.gateway.pipeline import EnhanceOptions, EnhanceResult, PipelineServices, enhance_photo
 from chaoqing.gateway.remote import RemoteModels
+from chaoqing.gateway.stages.decode import check_media_type, probe_image
 from chaoqing.protocol.listen import BODY_READ_KEY
 
 __all__ = ["Gateway", "create_app", "parse_enhance_options"]
@@ -99,6 +104,11 @@ def _parse_bool(raw: str | None, name: str, default: bool) -> bool:
     raise InvalidParameter(f"{name} must be true or false, not {raw!r}")
 
 
+def _parse_optional_bool(raw: str | None, name: str) -> bool | None:
+    """A boolean query parameter whose absence means "the preset's"."""
+    return None if raw is None or raw == "" else _parse_bool(raw, name, False)
+
+
 def _parse_quality(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
@@ -128,7 +138,23 @@ def parse_enhance_options(request: falcon.Request, config: Config, request_id: s
         request_id=request_id,
         strip_metadata=_parse_bool(request.get_param("strip_metadata"), "strip_metadata", config.encode.strip_metadata),
         strip_gps=_parse_bool(request.get_param("strip_gps"), "strip_gps", config.encode.strip_gps),
+        face_strength=_parse_face_strength(request.get_param("face_strength")),
+        face_colour=_parse_optional_bool(request.get_param("face_colour"), "face_colour"),
+        face_texture=_parse_optional_bool(request.get_param("face_texture"), "face_texture"),
     )
+
+
+def _parse_face_strength(raw: str | None) -> float | None:
+    """``face_strength``: a number in [0, 1], or None (the preset's). Raises InvalidParameter."""
+    if raw is None or raw == "":
+        return None
+    try:
+        strength = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"face_strength must be a number between 0 and 1, not {raw!r}") from None
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise InvalidParameter(f"face_strength must be between 0 and 1, not {raw!r}")
+    return strength
 
 
 def _parse_choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str | None:
@@ -153,7 +179,8 @@ class Gateway:
         self._requests: set[greenlet] = set()  # the greenlets of admitted /v1/enhance requests
         self.stopping = False
         self._api_keys = tuple(key.encode() for key in config.api_keys)
-        self.jobs = JobService(config, self.services, self.metrics)
+        self.estimator = ComputeEstimator(remotes, config.jobs.default_megapixels_per_s)
+        self.jobs = JobService(config, self.services, self.metrics, self.estimator)
         self.app = _build_app(self)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -295,6 +322,26 @@ class Gateway:
         if request_greenlet in self._requests and not request_greenlet.dead:
             request_greenlet.throw(error)  # runs on the hub, as gevent's own Greenlet.kill does
 
+    def refuse_beyond_deadline(self, data: bytes, media_type: str | None, options: EnhanceOptions) -> ComputeEstimate:
+        """The photo's compute estimate (header only, no pixel decoded, no model called);
+        raises EstimateExceedsDeadline when it is longer than the request's deadline, and what
+        the pipeline's decode would raise for the upload (UnsupportedMediaType, InvalidImage,
+        ImageTooLarge), in the same order."""
+        check_media_type(media_type, data)
+        info = gevent.get_hub().threadpool.apply(probe_image, (data, self.config.limits))
+        upscaler = self.config.presets[options.preset].upscaler
+        estimate = self.estimator.estimate(upscaler, info.width, info.height, options.scale)
+        deadline_s = self.config.request_deadline_s
+        if estimate.seconds > deadline_s:
+            raise EstimateExceedsDeadline(
+                f"this photo ({info.width}×{info.height}, ×{options.scale:g}) is estimated to take "
+                f"{estimate.seconds:.0f} s, longer than the {deadline_s:g} s a synchronous request may run "
+                f"({upscaler} at {estimate.speed.megapixels_per_s:.3g} input MP/s, {estimate.speed.basis}); "
+                "send it to POST /v1/jobs, which runs it in the background with progress and an ETA",
+                estimate_s=round(estimate.seconds, 1), deadline_s=deadline_s,
+            )
+        return estimate
+
     # -- errors --------------------------------------------------------------------------
 
     def handle_error(self, request: falcon.Request, response: falcon.Response, error: Exception, params: Any) -> None:
@@ -315,7 +362,7 @@ class Gateway:
             # /v1/enhance writes its own access line with the code and message; one line per request
             log_level = logging.DEBUG if request.path == "/v1/enhance" else logging.INFO
             _log.log(log_level, "%s %s -> %d %s: %s", request.method, request.path, mapped.status, mapped.code, error)
-            self._write_error(response, mapped.status, mapped.code, str(error))
+            self._write_error(response, mapped.status, mapped.code, str(error), _error_details(error))
             retry_after = retry_after_for(error)
             if retry_after is not None:
                 response.set_header("Retry-After", str(max(1, math.ceil(retry_after))))
@@ -328,10 +375,18 @@ class Gateway:
         _log.error("unexpected error on %s %s", request.method, request.path, exc_info=error)
 
     @staticmethod
-    def _write_error(response: falcon.Response, status: int, code: str, message: str) -> None:
+    def _write_error(response: falcon.Response, status: int, code: str, message: str,
+                     details: Mapping[str, Any] | None = None) -> None:
         response.status = status
         response.content_type = falcon.MEDIA_JSON
-        response.text = json.dumps({"error": {"code": code, "message": message}})
+        response.text = json.dumps({"error": {"code": code, "message": message, **(details or {})}})
+
+
+def _error_details(error: ChaoqingError) -> dict[str, Any]:
+    """The fields an error adds to its JSON beside code and message."""
+    if isinstance(error, EstimateExceedsDeadline):
+        return {"estimate_s": error.estimate_s, "deadline_s": error.deadline_s, "jobs": "/v1/jobs"}
+    return {}
 
 
 def _body_unread(request: falcon.Request) -> bool:
@@ -376,7 +431,9 @@ class EnhanceResource:
             try:
                 data, media_type = gateway.read_image_body(request)
                 bytes_in = len(data)
+                estimate = gateway.refuse_beyond_deadline(data, media_type, options)  # before any model call
                 result = enhance_photo(data, media_type, options, gateway.services)
+                gateway.estimator.observe(estimate.model, estimate.input_megapixels, result.timings.get("upscale"))
             finally:
                 gateway.release()
             status = 200

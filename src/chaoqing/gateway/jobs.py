@@ -40,8 +40,9 @@ on another gateway it leaves the cancel file, which the owner sees within a tick
 ETA: once a tile is done, the seconds per tile measured so far times the tiles left (and
 the same for faces, which run beside the tiles: the later of the two counts), plus an
 estimate of composite and encode; before that, the input megapixels over the upscaler's
-speed: its metadata's ``input_megapixels_per_s`` when it publishes one, else
-``[jobs] default_megapixels_per_s``. ``eta_basis`` says which.
+speed, as :class:`~chaoqing.gateway.estimate.ComputeEstimator` knows it (observed by this
+gateway, else its metadata's ``input_megapixels_per_s``, else ``[jobs]
+default_megapixels_per_s``). ``eta_basis`` says which of the two.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ import enum
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -79,6 +79,11 @@ from chaoqing.errors import (
     Overloaded,
     SpoolFull,
     http_error_for,
+)
+from chaoqing.gateway.estimate import (
+    FINISH_SECONDS_PER_OUTPUT_MEGAPIXEL,
+    MEGAPIXEL,
+    ComputeEstimator,
 )
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.pipeline import (
@@ -130,11 +135,6 @@ RESULT_CHUNK_BYTES = 1024 * 1024
 SPOOL_FULL_RETRY_AFTER_S = 60.0  # when no finished job is due to expire sooner
 NOT_FINISHED_RETRY_AFTER_S = 2.0
 MAX_RETRY_AFTER_S = 3600.0
-# composite and encode, for the ETA: about 0.1 s per output megapixel here (PNG at level 1 and
-# the face blends of a ×4 request, docs/benchmarks.md)
-FINISH_SECONDS_PER_OUTPUT_MEGAPIXEL = 0.1
-MEGAPIXEL = 1_000_000
-SPEED_PARAMETER = "input_megapixels_per_s"  # model metadata: input MP one call computes per second
 
 
 class JobStatus(enum.StrEnum):
@@ -153,7 +153,7 @@ class JobStatus(enum.StrEnum):
 
 class EtaBasis(enum.StrEnum):
     MEASURED = "measured"  # from the tiles (and faces) done so far
-    ESTIMATE = "estimate"  # from the upscaler's speed: published in its metadata, or configured
+    ESTIMATE = "estimate"  # from the upscaler's speed: observed, published in its metadata, or configured
 
 
 # -- the state, as stored -------------------------------------------------------------------
@@ -661,7 +661,8 @@ class JobService:
     """One gateway process's side of the spool: takes jobs in, runs up to ``max_running`` at
     once, keeps the spool within its bounds and TTL, and answers the API's questions."""
 
-    def __init__(self, config: Config, services: PipelineServices, metrics: GatewayMetrics) -> None:
+    def __init__(self, config: Config, services: PipelineServices, metrics: GatewayMetrics,
+                 estimator: ComputeEstimator | None = None) -> None:
         self.config = config
         self.settings: JobSettings = config.jobs
         self.metrics = metrics
@@ -674,7 +675,7 @@ class JobService:
         self._admission = BoundedSemaphore(1)
         self._wake = Event()
         self._keeper: gevent.Greenlet | None = None
-        self._speeds: dict[str, float] = {}
+        self.estimator = estimator or ComputeEstimator(services.remotes, self.settings.default_megapixels_per_s)
         self.stopping = False
         self.event_streams = 0
 
@@ -945,8 +946,11 @@ class JobService:
         try:
             data = _offload(self.spool.read_input, state.id)
             options = state.options()
-            owned.tracker.megapixels_per_s = self._speed_of(options.preset)
+            upscaler = self.config.presets[options.preset].upscaler
+            owned.tracker.megapixels_per_s = self.estimator.speed_of(upscaler).megapixels_per_s
             result = enhance_photo(data, state.input.media_type, options, self.pipeline, owned.tracker)
+            self.estimator.observe(upscaler, state.input.width * state.input.height / MEGAPIXEL,
+                                   result.timings.get("upscale"))
         except ChaoqingError as exc:
             owned.offer_final(_final(owned.live_state(), JobStatus.FAILED, self.settings, error=_job_error(exc)))
             return
@@ -1055,22 +1059,6 @@ class JobService:
     def _faces_enhanced(self, options: EnhanceOptions) -> bool:
         preset = self.config.presets.get(options.preset)
         return bool(options.faces and preset is not None and preset.face_model)
-
-    def _speed_of(self, preset_name: str) -> float:
-        """The upscaler's published input MP/s, else the configured default (see the notes)."""
-        model_name = self.config.presets[preset_name].upscaler
-        if model_name not in self._speeds:
-            speed = self.settings.default_megapixels_per_s
-            try:
-                raw = self.pipeline.remotes[model_name].metadata(time.monotonic() + 10).parameters.get(SPEED_PARAMETER)
-            except ChaoqingError:
-                raw = None  # the pipeline's own call says what is wrong
-            else:
-                if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw) and raw > 0:
-                    speed = float(raw)
-                self._speeds[model_name] = speed
-            return speed
-        return self._speeds[model_name]
 
     def _usage(self) -> tuple[int, int]:
         ids = _offload(self.spool.job_ids)

@@ -17,7 +17,7 @@ ERROR_CODES = (
     "invalid_image", "invalid_parameter", "unauthorized", "image_too_large", "unsupported_media_type",
     "request_timeout", "not_found", "method_not_allowed", "invalid_request", "model_error", "model_unavailable",
     "overloaded", "deadline_exceeded", "internal_error",
-    "job_not_found", "job_not_finished", "job_has_no_result", "spool_full",
+    "job_not_found", "job_not_finished", "job_has_no_result", "spool_full", "estimate_exceeds_deadline",
 )
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 JOB_STAGES = ("decode", "enhance", "composite", "encode")
@@ -223,6 +223,17 @@ def openapi_document(config: Config) -> dict[str, Any]:
         {"name": "strip_gps", "in": "query",
          "description": "Carry EXIF and XMP without their GPS positions (EXIF's GPS IFD, XMP's GPS* properties).",
          "schema": {"type": "boolean", "default": config.encode.strip_gps}},
+        {"name": "face_strength", "in": "query",
+         "description": "How much of the face model's face to paste, 0 to 1: the rest is the background's own "
+                        "upscaled face. Default: the preset's (" + ", ".join(
+                            f"{p.name} {p.face_strength:g}" for p in config.presets.values() if p.face_model) + ").",
+         "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+        {"name": "face_colour", "in": "query",
+         "description": "Give each enhanced face the photo's own colours (skin, irises). Default: the preset's.",
+         "schema": {"type": "boolean"}},
+        {"name": "face_texture", "in": "query",
+         "description": "Continue the photo's grain into each enhanced face. Default: the preset's.",
+         "schema": {"type": "boolean"}},
         {"name": "X-Request-Id", "in": "header", "required": False,
          "description": "Echoed back when it is 1-64 characters of [A-Za-z0-9._:-]; generated otherwise.",
          "schema": {"type": "string"}},
@@ -286,7 +297,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "400": _error_response("invalid_image or invalid_parameter"),
                         "401": _error_response("unauthorized: API key missing or wrong"),
                         "408": _error_response("request_timeout: the upload did not arrive in time"),
-                        "413": _error_response("image_too_large: bytes, input or output pixels over the limits"),
+                        "413": _error_response(
+                            "image_too_large: bytes, input or output pixels over the limits; or "
+                            "estimate_exceeds_deadline: the photo's compute, estimated from the upscaler's measured "
+                            "speed before any model call, is longer than the request's deadline (the error gives "
+                            "estimate_s and deadline_s): send it to POST /v1/jobs"),
                         "415": _error_response("unsupported_media_type"),
                         "500": _error_response("internal_error"),
                         "502": _error_response("model_error: a model server failed or answered badly"),
@@ -343,6 +358,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
                             "properties": {
                                 "code": {"type": "string", "enum": list(ERROR_CODES)},
                                 "message": {"type": "string"},
+                                "estimate_s": {"type": "number", "description":
+                                               "estimate_exceeds_deadline: the estimated compute, in seconds"},
+                                "deadline_s": {"type": "number", "description":
+                                               "estimate_exceeds_deadline: the synchronous request's deadline"},
+                                "jobs": {"type": "string", "description":
+                                         "estimate_exceeds_deadline: where to send the photo instead"},
                             },
                         }
                     },

@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 from gevent.lock import BoundedSemaphore
 
-from chaoqing.config import Config
+from chaoqing.config import Config, Preset
 from chaoqing.errors import BadModelResponse, ChaoqingError, DeadlineExceeded
 from chaoqing.gateway.remote import CallObserver, RemoteModel, RemoteModels
 from chaoqing.gateway.stages.composite import (
@@ -88,6 +88,7 @@ from chaoqing.gateway.stages.enhance_faces import (
     face_size_in_image,
 )
 from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
+from chaoqing.gateway.stages.face_match import FaceMatchSettings, match_paste_to_background
 from chaoqing.gateway.stages.metadata import OutputMetadata, output_metadata
 from chaoqing.gateway.stages.resize import restore_bit_depth
 from chaoqing.gateway.stages.upscale import upscale_image
@@ -108,6 +109,7 @@ __all__ = [
     "enhance_face",
     "enhance_faces",
     "enhance_photo",
+    "face_match_settings",
     "finish_photo",
     "join_branches",
     "prepare_photo",
@@ -139,6 +141,9 @@ class EnhanceOptions:
     request_id: str = ""
     strip_metadata: bool | None = None  # write no EXIF, XMP, ICC; None: config.encode's default
     strip_gps: bool | None = None  # write EXIF and XMP without GPS; None: config.encode's default
+    face_strength: float | None = None  # blend with the background's own face; None: the preset's
+    face_colour: bool | None = None  # give faces the photo's colours; None: the preset's
+    face_texture: bool | None = None  # give faces the photo's grain; None: the preset's
 
 
 class FaceStatus(enum.Enum):
@@ -359,12 +364,24 @@ class _StageTimer:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.monotonic() - started
 
 
-def _composite(background: npt.NDArray[Any], pastes: tuple[FacePaste, ...]) -> npt.NDArray[Any]:
-    """Faces go into the colour channels only; alpha stays the background's. In place: the
+def face_match_settings(options: EnhanceOptions, preset: Preset) -> FaceMatchSettings:
+    """How this request's faces are matched to the photo: its own options, else the preset's."""
+    return FaceMatchSettings(
+        strength=preset.face_strength if options.face_strength is None else options.face_strength,
+        colour=preset.face_colour if options.face_colour is None else options.face_colour,
+        texture=preset.face_texture if options.face_texture is None else options.face_texture,
+    )
+
+
+def _composite(background: npt.NDArray[Any], pastes: tuple[FacePaste, ...], settings: FaceMatchSettings,
+               background_scale: float) -> npt.NDArray[Any]:
+    """Match every face to the background (before any is blended in), then blend them.
+    Faces go into the colour channels only; alpha stays the background's. In place: the
     background is this request's own new array, and a copy would cost 3 bytes per output
     pixel (144 MB at 48 MP)."""
+    matched = [match_paste_to_background(paste, background, settings, background_scale)[0] for paste in pastes]
     canvas = background if background.flags.writeable else background.copy()
-    composite_face_pastes_in_place(canvas, pastes)
+    composite_face_pastes_in_place(canvas, matched)
     return canvas
 
 
@@ -441,7 +458,9 @@ def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: Fac
     timer = request.timer
     request.progress.on_stage(ProgressStage.COMPOSITE)
     with timer("composite"):
-        canvas = offload(_composite, background, faces.pastes) if faces.pastes else background
+        settings = face_match_settings(request.options, request.config.presets[request.options.preset])
+        canvas = (offload(_composite, background, faces.pastes, settings, request.background_scale)
+                  if faces.pastes else background)
     request.progress.on_stage(ProgressStage.ENCODE)
     with timer("encode"):
         encoded, metadata_notes = offload(_encode_output, request, canvas)
