@@ -14,7 +14,8 @@ file                    runtime         what reads it, and the scale
                                         the scale from a probe call
 ======================  ==============  =====================================================
 
-A ``scale`` in the config is checked against the model's. Everything that can be wrong with a
+Each ``kind`` of table has its factory (:data:`_FACTORIES_BY_KIND`; ``upscaler`` today, a face
+restorer's conventions are its own). A ``scale`` in the config is checked against the model's. Everything that can be wrong with a
 file — missing, not a state dict, an architecture spandrel does not know, channels that are not
 RGB, a fixed input size, a scale that is no whole number — is a :class:`RunnerError` in one line
 that starts with the config key and names the file, raised before the model server listens
@@ -28,6 +29,8 @@ pixels of context (x4plus's; SPAN and the compact models need 24 and 20) unless 
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +134,14 @@ def create_user_runner(model: UserModel, runtime: str, device_text: str, *, thre
     except ConfigError as exc:
         raise RunnerError(str(exc)) from exc
     check_runtime(runtime, device_text)
+    factory = _FACTORIES_BY_KIND.get(model.kind)
+    if factory is None:  # the config refuses other kinds; a kind it learns needs a factory here
+        raise RunnerError(f"models.{model.name}.kind: {model.kind!r} has no runner")
+    return factory(model, runtime, device_text, threads, max_batch_size)
+
+
+def _create_upscaler(model: UserModel, runtime: str, device_text: str, threads: int, max_batch_size: int) -> Runner:
+    """An upscaler file as an :class:`UpscalerRunner` on its backend."""
     device = parse_device(device_text)
     if runtime == "torch":
         from chaoqing.modelserver.runners.spandrel_backend import (
@@ -152,6 +163,12 @@ def create_user_runner(model: UserModel, runtime: str, device_text: str, *, thre
         backend, description = _probed_backend(model, runtime, device_text, tile_size, tile_context,
                                                threads=threads, max_items=max_batch_size)
     return UpscalerRunner(description, backend, runtime=runtime, device=device_text, max_batch_size=max_batch_size)
+
+
+# what each kind of [models.NAME] is served by (chaoqing.config.USER_MODEL_KINDS)
+_FACTORIES_BY_KIND: Mapping[str, Callable[[UserModel, str, str, int, int], Runner]] = types.MappingProxyType({
+    "upscaler": _create_upscaler,
+})
 
 
 def _probed_backend(model: UserModel, runtime: str, device_text: str, tile_size: int, tile_context: int, *,
