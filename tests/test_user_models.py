@@ -689,3 +689,15 @@ def test_a_model_server_refuses_a_users_file_before_it_takes_the_port(tmp_path: 
                                  runner=RunnerSettings(user_models={"tiny": UserModel("tiny", str(junk))}))
     with pytest.raises(RunnerError, match=f"models.tiny.path: {junk} is not an ONNX model onnxruntime opens"):
         ModelServer(options)
+
+
+@pytest.mark.timeout(10)
+def test_tensorrt_profiles_a_users_onnx_file_by_its_own_input_name(tmp_path: Path) -> None:
+    from chaoqing.modelserver.runners.backends import Device
+    from chaoqing.modelserver.runners.onnxruntime_backend import onnxruntime_providers
+
+    tensorrt, _, _ = onnxruntime_providers(Device("tensorrt", 0), max_items=2, max_side=300, cache_folder=tmp_path,
+                                           input_name="pixels")
+    assert isinstance(tensorrt, tuple)
+    assert tensorrt[1]["trt_profile_max_shapes"] == "pixels:2x3x300x300"
+    assert tensorrt[1]["trt_profile_min_shapes"] == "pixels:1x3x1x1"
