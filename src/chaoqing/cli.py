@@ -72,15 +72,21 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
 
 @cli.command("model-server", short_help="Serve models over the KServe v2 protocol.")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME",
-              help="Model to serve; repeat for several. `chaoqing models` lists them, with their licenses.")
+              help="Model to serve; repeat for several. `chaoqing models` lists them, with their licenses; "
+                   "a model file of your own is named by its [models.NAME] table in --config.")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TOML file whose [models.NAME] tables define model files of your own (docs/models.md); "
+                   "the other settings come from the flags.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9000, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 picks a free one (printed on start).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Compute threads per model instance; 0 = number of CPUs.")
-@click.option("--runtime", default="ncnn", show_default=True, metavar="NAME",
-              help="What computes the upscalers: ncnn, openvino, onnxruntime or torch. The last three are extras: "
-                   "pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detector is dlib's).")
+@click.option("--runtime", default=None, metavar="NAME",
+              help="What computes the bundled upscalers: ncnn, openvino, onnxruntime or torch. The last three are "
+                   "extras: pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detector is "
+                   "dlib's; a model file of yours runs on its table's runtime).  [default: ncnn, or that of the "
+                   "model files served when all are yours]")
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="cpu; vulkan:N (ncnn); cuda:N (onnxruntime, torch); tensorrt:N (onnxruntime's TensorRT provider).")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -101,9 +107,10 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
                    "`chaoqing serve` makes one for its own ([model_server] compute_slots).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log (stderr).")
-def model_server(models: tuple[str, ...], host: str, port: int, threads: int, runtime: str, device: str, instances: int,
-                 max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int, model_options: dict[str, str],
-                 compute_slots: Path | None, log_level: str) -> None:
+def model_server(models: tuple[str, ...], config_path: str | None, host: str, port: int, threads: int,
+                 runtime: str | None, device: str, instances: int, max_batch_size: int, max_queue_delay_ms: float,
+                 max_queue_size: int, model_options: dict[str, str], compute_slots: Path | None,
+                 log_level: str) -> None:
     """Serve models over the KServe v2 protocol (REST, binary tensors).
 
     Any v2 client works: the gateway, tritonclient, KServe, curl. A runtime or device that
@@ -119,16 +126,21 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, ru
     from chaoqing.modelserver.batcher import BatchSettings
     from chaoqing.modelserver.runners import RunnerSettings, available_models, check_model_options
 
-    unknown = [name for name in models if name not in available_models()]
+    user_models = _user_models(config_path)
+    unknown = [name for name in models if name not in available_models() and name not in user_models]
     if unknown:
-        _fail(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(available_models())}")
+        _fail(f"unknown model(s) {', '.join(unknown)}; available: {', '.join([*available_models(), *user_models])}")
     try:
         for name in models:
             check_model_options(name, model_options)
     except RunnerError as exc:
         _fail(f"--model-option: {exc}")
+    if runtime is None:  # the user models' own when only they are served (their device must suit it)
+        own = {user_models[name].runtime for name in models if name in user_models}
+        runtime = own.pop() if len(own) == 1 and all(name in user_models for name in models) else "ncnn"
     try:
-        runner_settings = RunnerSettings(threads=threads, runtime=runtime, device=device, model_options=model_options)
+        runner_settings = RunnerSettings(threads=threads, runtime=runtime, device=device, model_options=model_options,
+                                         user_models={name: user_models[name] for name in models if name in user_models})
     except RunnerError as exc:
         _fail(str(exc))
     options = ModelServerOptions(
@@ -159,19 +171,41 @@ def model_server(models: tuple[str, ...], host: str, port: int, threads: int, ru
     _run_until_signalled(server.serve_forever, server.stop)
 
 
+def _user_models(config_path: str | None) -> dict[str, Any]:
+    """The ``[models.NAME]`` tables of the config (file and CHAOQING_* variables); exits on a bad one."""
+    from chaoqing.config import load_config
+    from chaoqing.errors import ConfigError
+
+    if config_path is None:
+        return {}
+    try:
+        return dict(load_config(config_path).models)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return {}  # not reached: _fail exits
+
+
 @cli.command(short_help="List the bundled models and their licenses.")
 @click.option("--json", "as_json", is_flag=True, help="Print them as JSON: every field, and where the files are.")
-def models(as_json: bool) -> None:
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TOML file whose [models.NAME] tables (model files of your own) are listed too.")
+def models(as_json: bool, config_path: str | None) -> None:
     """List the bundled models: scale, license, whether it allows commercial use, source, and
-    what each is for; and which runtimes are installed.
+    what each is for; and which runtimes are installed. With --config, the model files of
+    your own too, with the license and source their tables give.
 
     Non-commercial weights (span-clearreality-x4) are marked; `unverified` means no license
     for those weights could be established. The sim-* simulators (tests, benchmarks) are not
     listed.
     """
-    from chaoqing.modelserver.runners.listing import installed_runtimes, list_models, models_table
+    from chaoqing.modelserver.runners.listing import (
+        installed_runtimes,
+        list_models,
+        list_user_models,
+        models_table,
+    )
 
-    listed = list_models()
+    listed = list_models() + list_user_models(_user_models(config_path).values())
     runtimes = installed_runtimes()
     if as_json:
         click.echo(json.dumps({"models": listed, "runtimes": runtimes}, indent=2, ensure_ascii=False))

@@ -20,6 +20,12 @@ A TOML file looks like::
     [model_server.devices]           # per model, over `device`
     "realesrgan-x4plus" = "cpu"
 
+    [models.my-upscaler]             # a model file of your own (docs/models.md)
+    path = "models/4x-MyModel.pth"   # .pth/.pt/.safetensors (spandrel), .onnx, or ncnn .param + .bin
+    license = "CC-BY-4.0"            # shown by `chaoqing models` and in the model's metadata
+    [presets.mine]
+    upscaler = "my-upscaler"
+
     [endpoints]                      # absent: `chaoqing serve` starts model servers itself
     "realesr-animevideov3-x4" = ["http://127.0.0.1:9000"]
     "realesrgan-x4plus" = ["http://127.0.0.1:9001", "http://10.0.0.7:8000"]
@@ -31,11 +37,12 @@ Invalid values raise :class:`ConfigError` with the key named.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,9 @@ from chaoqing.errors import ConfigError
 __all__ = [
     "MODEL_RUNTIMES",
     "PRESETS",
+    "UNKNOWN_LICENSE",
+    "USER_MODEL_FORMATS",
+    "USER_MODEL_KINDS",
     "Config",
     "EncodeSettings",
     "JobSettings",
@@ -53,7 +63,9 @@ __all__ = [
     "Preset",
     "RemoteSettings",
     "TileSettings",
+    "UserModel",
     "load_config",
+    "user_models_toml",
 ]
 
 ENV_PREFIX = "CHAOQING_"
@@ -270,6 +282,166 @@ class JobSettings:
                 raise ConfigError(f"jobs.{name}: must be positive")
 
 
+# --- users' own model files: [models.NAME] (docs/models.md) ----------------------------------
+
+# What a [models.NAME] table may serve as. Issue 13 adds "face-restorer".
+USER_MODEL_KINDS = ("upscaler",)
+# A model file's suffix → the runtimes that load it, the default first: PyTorch files go through
+# spandrel (it recognises the architecture from the state dict), ONNX through ONNX Runtime or
+# OpenVINO, ncnn's .param with the .bin of the same stem beside it.
+USER_MODEL_FORMATS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    ".pth": ("torch",),
+    ".pt": ("torch",),
+    ".ckpt": ("torch",),
+    ".safetensors": ("torch",),
+    ".onnx": ("onnxruntime", "openvino"),
+    ".param": ("ncnn",),
+})
+NCNN_WEIGHTS_SUFFIX = ".bin"
+UNKNOWN_LICENSE = "user-supplied, license unknown"
+USER_SOURCE = "user-supplied file"
+USER_COMMERCIAL_USE = ("yes", "no", "unverified")  # as the bundled models' cards say it
+_USER_MODEL_KEYS = ("path", "kind", "runtime", "scale", "license", "source", "commercial_use", "purpose",
+                    "tile_size", "tile_context")
+_RESERVED_MODEL_PREFIX = "sim-"  # chaoqing.modelserver.runners' simulators
+MAX_USER_MODEL_SCALE = 16  # generous: published single-image upscalers go to ×8
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """A model file of the user's own, from a ``[models.NAME]`` table.
+
+    - ``path``: the file (``~`` expanded; a relative path in a TOML file is taken from that
+      file's folder); the suffix says the format (:data:`USER_MODEL_FORMATS`).
+    - ``kind``: what it serves as (:data:`USER_MODEL_KINDS`).
+    - ``runtime``: ``""`` is the format's default (torch, onnxruntime, ncnn); ``.onnx`` also
+      takes ``openvino``.
+    - ``scale``: 0 reads it from the model (spandrel's descriptor, or a probe call); a value
+      given is checked against the model when it loads.
+    - ``license``, ``source``, ``commercial_use``, ``purpose``: what ``chaoqing models`` and
+      the model's metadata say about it; the weights' terms are the user's to know.
+    - ``tile_size``, ``tile_context``: input pixels per tile and of context around it; 0 is
+      the model server's default for the architecture.
+
+    Raises ConfigError, naming the key, for a value that cannot be right (before any file is
+    opened; :meth:`check_files` looks at the disk).
+    """
+
+    name: str
+    path: str
+    kind: str = "upscaler"
+    runtime: str = ""
+    scale: int = 0
+    license: str = UNKNOWN_LICENSE
+    source: str = USER_SOURCE
+    commercial_use: str = "unverified"
+    purpose: str = ""
+    tile_size: int = 0
+    tile_context: int = 0
+
+    def __post_init__(self) -> None:
+        where = f"models.{self.name}"
+        if not self.name or self.name.startswith(_RESERVED_MODEL_PREFIX) or self.name == FACE_DETECTOR:
+            raise ConfigError(f"{where}: the name is reserved (sim-*, {FACE_DETECTOR}); choose another")
+        if self.kind not in USER_MODEL_KINDS:
+            raise ConfigError(f"{where}.kind: {self.kind!r} is not one of {', '.join(USER_MODEL_KINDS)}")
+        if not self.path:
+            raise ConfigError(f"{where}.path: the model file is required")
+        runtimes = USER_MODEL_FORMATS.get(self.suffix)
+        if runtimes is None:
+            raise ConfigError(f"{where}.path: {self.path} is not a model file chaoqing loads (expected "
+                              f"{', '.join(USER_MODEL_FORMATS)}; ncnn's .param with its .bin beside it)")
+        if not self.runtime:
+            object.__setattr__(self, "runtime", runtimes[0])
+        elif self.runtime not in runtimes:
+            raise ConfigError(f"{where}.runtime: {self.runtime} does not load {self.suffix} files; "
+                              f"it takes {', '.join(runtimes)}")
+        if self.commercial_use not in USER_COMMERCIAL_USE:
+            raise ConfigError(f"{where}.commercial_use: {self.commercial_use!r} is not one of "
+                              f"{', '.join(USER_COMMERCIAL_USE)}")
+        for key in ("scale", "tile_size", "tile_context"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be 0 (from the model) or positive")
+        if self.scale > MAX_USER_MODEL_SCALE:
+            raise ConfigError(f"{where}.scale: {self.scale} is more than {MAX_USER_MODEL_SCALE}")
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.path).suffix.lower()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The files the model needs: the one file, or ncnn's .param and .bin."""
+        path = Path(self.path)
+        return (path, path.with_suffix(NCNN_WEIGHTS_SUFFIX)) if self.runtime == "ncnn" else (path,)
+
+    def check_files(self) -> None:
+        """Raises ConfigError, naming the key and the file, when a file the model needs is not there."""
+        for index, path in enumerate(self.files):
+            if not path.is_file():
+                state = "is not a file" if path.exists() else "does not exist"
+                what = f"{path} {state}" if index == 0 else f"{path} (ncnn's weights beside {self.path}) {state}"
+                raise ConfigError(f"models.{self.name}.path: {what}")
+
+
+def _paths_from_folder(raw: Any, folder: Path) -> Any:
+    """The ``[models.NAME]`` tables with each relative ``path`` made to start at ``folder``."""
+    if not isinstance(raw, Mapping):
+        return raw
+    tables = {}
+    for name, table in raw.items():
+        if isinstance(table, Mapping) and isinstance(table.get("path"), str) and table["path"]:
+            path = Path(table["path"]).expanduser()
+            table = {**table, "path": str(path if path.is_absolute() else folder / path)}
+        tables[name] = table
+    return tables
+
+
+def _parse_user_models(raw: Any) -> dict[str, UserModel]:
+    """``[models.NAME]`` tables as UserModels (strings and integers as TOML gives them)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("models: must be a table of model tables ([models.NAME] with path = ...)")
+    models: dict[str, UserModel] = {}
+    for raw_name, table in raw.items():
+        name = str(raw_name)
+        if name != _normalise_model_key(name):  # as endpoints' names are, so that both can name it
+            raise ConfigError(f"models.{name}: a model name is lower case, with - for _ ({_normalise_model_key(name)})")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"models.{name}: must be a table with path = ...")
+        unknown = set(table) - set(_USER_MODEL_KEYS)
+        if unknown:
+            raise ConfigError(f"models.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            number = key in ("scale", "tile_size", "tile_context")
+            if isinstance(value, bool) or not isinstance(value, int if number else str):
+                raise ConfigError(f"models.{name}.{key}: {value!r} is not {'an integer' if number else 'a string'}")
+            values[key] = value
+        path = values.pop("path", "")
+        models[name] = UserModel(name, str(Path(path).expanduser()) if path else "", **values)
+    return models
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (JSON's escapes are TOML's, but for DEL)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def user_models_toml(models: Iterable[UserModel]) -> str:
+    """The ``[models.NAME]`` tables of ``models`` as TOML, paths absolute: what the supervisor
+    gives a model-server child (``--config``); :func:`load_config` reads it back as it was."""
+    lines: list[str] = []
+    for model in models:
+        lines.append(f"[models.{_toml_string(model.name)}]")
+        for key in _USER_MODEL_KEYS:
+            value = getattr(model, key)
+            if key == "path":
+                value = str(Path(value).absolute())
+            lines.append(f"{key} = {value if isinstance(value, int) else _toml_string(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the gateway, the CLI and the embedded model servers need to know."""
@@ -300,6 +472,8 @@ class Config:
     jobs: JobSettings = field(default_factory=JobSettings)
     endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: types.MappingProxyType({}))
     presets: Mapping[str, Preset] = field(default_factory=lambda: PRESETS)
+    # users' own model files ([models.NAME]): name → UserModel
+    models: Mapping[str, UserModel] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def __post_init__(self) -> None:
         if self.preset not in self.presets:
@@ -327,6 +501,19 @@ class Config:
             object.__setattr__(self, "endpoints", types.MappingProxyType(dict(self.endpoints)))
         if not isinstance(self.presets, types.MappingProxyType):
             object.__setattr__(self, "presets", types.MappingProxyType(dict(self.presets)))
+        self._check_user_models()
+
+    def _check_user_models(self) -> None:
+        """The user models' files are there, unless a configured endpoint serves the model
+        (its files are on that machine); their runtime is their own table's."""
+        if not isinstance(self.models, types.MappingProxyType):
+            object.__setattr__(self, "models", types.MappingProxyType(dict(self.models)))
+        for name, model in self.models.items():
+            if name in self.model_server.runtimes:
+                raise ConfigError(f"model_server.runtimes.{name}: {name} is a model file of yours; "
+                                  f"set models.{name}.runtime instead")
+            if name not in self.endpoints:
+                model.check_files()
 
     def models_needed(self, preset_name: str | None = None) -> tuple[str, ...]:
         """Model names the given preset (all presets when None) calls, detector included."""
@@ -482,6 +669,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> Config:
             kwargs[key] = _parse_endpoints(value)
         elif key == "presets":
             kwargs[key] = _parse_presets(value)
+        elif key == "models":
+            kwargs[key] = _parse_user_models(value)
         elif key in top_fields:
             kwargs[key] = _coerce(value, getattr(defaults, key), key)
         else:
@@ -505,6 +694,8 @@ def load_config(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        if "models" in values:  # a model file's relative path starts at the config file's folder
+            values["models"] = _paths_from_folder(values["models"], Path(path).absolute().parent)
     values = _merge(values, _from_environment(os.environ if environ is None else environ))
     if overrides:
         values = _merge(values, {key: value for key, value in overrides.items() if value is not None})

@@ -136,8 +136,10 @@ class _Script:
 
         def runner_settings(name: str) -> Any:
             options = sim_options if name.startswith("sim-") else {}
-            return RunnerSettings(threads=threads, runtime=settings.runtime_for(name), device=settings.device_for(name),
-                                  model_options=options)
+            user_models = {name: config.models[name]} if name in config.models else {}  # a file of the user's
+            runtime = config.models[name].runtime if user_models else settings.runtime_for(name)
+            return RunnerSettings(threads=threads, runtime=runtime, device=settings.device_for(name),
+                                  model_options=options, user_models=user_models)
 
         self.upscaler = create_runner(preset.upscaler, runner_settings(preset.upscaler))
         self.detector = create_runner(config.detector, runner_settings(config.detector))

@@ -61,7 +61,8 @@ def open_models(
     supervisor = None
     endpoints = {name: urls for name, urls in config.endpoints.items()}
     if missing:
-        supervisor = ModelServerSupervisor(missing, config.model_server, log_level=log_level)
+        supervisor = ModelServerSupervisor(missing, config.model_server, log_level=log_level,
+                                           user_models=config.models)
         supervisor.start()
         endpoints.update(supervisor.endpoints)
     return RemoteModels(endpoints, config.remote, metrics), supervisor

@@ -14,6 +14,12 @@ stops that child at start-up with one line on stderr saying what to install. Onl
 (a ``sim-*`` model, for tests and benchmarks) also gets ``[model_server]``'s ``sim_latency_ms`` and ``sim_faces``, as
 ``--model-option`` settings of its own. A real model is never started with them.
 
+A model file of the user's own (``[models.NAME]``, :class:`chaoqing.config.UserModel`) runs on
+its table's runtime: its child gets ``--runtime`` from there and ``--config`` naming a TOML file
+the supervisor writes with that table alone (paths absolute), in a private folder that
+:meth:`stop` removes. A file that is missing or malformed stops that child before it listens,
+with one line on stderr naming the file.
+
 The compute budget: with ``[model_server] compute_slots`` N > 0 on the CPU, :meth:`start`
 makes a private folder of N slot files (in ``$XDG_RUNTIME_DIR``, else the temp folder) and
 passes it to every child as ``--compute-slots``, with ``--threads`` cores / N when
@@ -41,7 +47,7 @@ from pathlib import Path
 import gevent
 from gevent import subprocess
 
-from chaoqing.config import ModelServerSettings
+from chaoqing.config import ModelServerSettings, UserModel, user_models_toml
 from chaoqing.errors import SupervisorError
 
 __all__ = ["ModelServerSupervisor"]
@@ -57,6 +63,7 @@ SIMULATOR_PREFIX = "sim-"  # how chaoqing.modelserver.runners names its simulato
 SLOT_FILE_PREFIX = "slot-"  # how chaoqing.modelserver.compute names its slot files
 CPU_DEVICE = "cpu"  # the budget shares CPU cores; a GPU device gets none
 RUNTIME_DIRECTORY_VARIABLE = "XDG_RUNTIME_DIR"
+USER_MODELS_FILE = "models.toml"  # the user models' tables, for the children's --config
 
 
 
@@ -91,7 +98,7 @@ class ModelServerSupervisor:
     """Starts and watches one model-server process per model. Hub-thread only."""
 
     def __init__(self, models: Iterable[str], settings: ModelServerSettings, *, log_level: str = "warning",
-                 threads_per_model: int | None = None) -> None:
+                 threads_per_model: int | None = None, user_models: Mapping[str, UserModel] | None = None) -> None:
         self.settings = settings
         self.log_level = log_level
         models = tuple(models)
@@ -105,6 +112,8 @@ class ModelServerSupervisor:
         self.threads_per_model = threads_per_model
         self.compute_slots_directory: Path | None = None  # made by start() when there is a budget
         self._children = {model: _Child(model) for model in dict.fromkeys(models)}
+        self.user_models = {name: model for name, model in (user_models or {}).items() if name in self._children}
+        self.user_models_directory: Path | None = None  # made by start() when a child serves a user model
         self._stopping = False
 
     @property
@@ -120,7 +129,7 @@ class ModelServerSupervisor:
             "--host", "127.0.0.1",
             "--port", str(child.port),
             "--threads", str(self.threads_per_model),
-            "--runtime", settings.runtime_for(child.model),
+            "--runtime", self._runtime_for(child.model),
             "--device", settings.device_for(child.model),
             "--instances", str(settings.instances),
             "--max-batch-size", str(settings.max_batch_size),
@@ -129,9 +138,16 @@ class ModelServerSupervisor:
             *_model_options(child.model, settings),
             *(["--compute-slots", str(self.compute_slots_directory)]
               if self.compute_slots_directory and settings.device_for(child.model) == CPU_DEVICE else []),
+            *(["--config", str(self.user_models_directory / USER_MODELS_FILE)]
+              if self.user_models_directory and child.model in self.user_models else []),
             "--log-level", self.log_level,
             *child.extra_arguments,
         ]
+
+    def _runtime_for(self, model: str) -> str:
+        """A user model's own runtime, else the settings' for the model."""
+        user_model = self.user_models.get(model)
+        return user_model.runtime if user_model else self.settings.runtime_for(model)
 
     def _launch(self, child: _Child) -> None:
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -167,6 +183,8 @@ class ModelServerSupervisor:
         """
         if self.compute_slots and self.compute_slots_directory is None:
             self.compute_slots_directory = _make_slot_files(self.compute_slots)
+        if self.user_models and self.user_models_directory is None:
+            self.user_models_directory = _write_user_models(self.user_models.values())
         jobs = [gevent.spawn(self._launch, child) for child in self._children.values()]
         gevent.joinall(jobs)
         failed = [job.exception for job in jobs if not job.successful()]
@@ -219,6 +237,9 @@ class ModelServerSupervisor:
         if self.compute_slots_directory is not None:
             shutil.rmtree(self.compute_slots_directory, ignore_errors=True)
             self.compute_slots_directory = None
+        if self.user_models_directory is not None:
+            shutil.rmtree(self.user_models_directory, ignore_errors=True)
+            self.user_models_directory = None
 
 
 def _make_slot_files(slots: int) -> Path:
@@ -231,4 +252,14 @@ def _make_slot_files(slots: int) -> Path:
             (directory / f"{SLOT_FILE_PREFIX}{index}").touch()
     except OSError as exc:
         raise SupervisorError(f"cannot make the model servers' compute slots: {exc.strerror or exc}") from exc
+    return directory
+
+
+def _write_user_models(models: Iterable[UserModel]) -> Path:
+    """A private folder holding the user models' tables as TOML; raises SupervisorError when it cannot be made."""
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="chaoqing-models-"))
+        (directory / USER_MODELS_FILE).write_text(user_models_toml(models), encoding="utf-8")
+    except OSError as exc:
+        raise SupervisorError(f"cannot write the model servers' user model tables: {exc.strerror or exc}") from exc
     return directory

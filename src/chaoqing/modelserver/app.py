@@ -378,7 +378,9 @@ class ModelServer:
     timeout, then releases the models. ``port`` is the bound port (useful with port 0).
     Raises OSError when the address cannot be bound, ConfigError when ``compute_slots`` is not a
     folder of slot files, RunnerError when a model's runtime or device is missing (before the
-    port is taken: a start-up error in one line that says what to install).
+    port is taken: a start-up error in one line that says what to install). A user's model file
+    (``options.runner.user_models``) is loaded here, before the port is taken too, so that a
+    missing or malformed file is such an error, naming the file (RunnerError).
     """
 
     def __init__(self, options: ModelServerOptions, runner_factory: Callable[[str, RunnerSettings], Runner] = create_runner) -> None:
@@ -389,6 +391,7 @@ class ModelServer:
         self._metrics = _Metrics()
         self.models: dict[str, _Model] = {name: _Model(name) for name in options.models}
         check_runtimes(options.models, options.runner)
+        self._preloaded = self._load_user_models()
         # one budget for every model of this process; raises ConfigError for a bad folder
         self.budget = ComputeBudget(Path(options.compute_slots)) if options.compute_slots else None
         self.app = ModelServerApp(options, self.models, self._metrics, self.budget)
@@ -403,6 +406,19 @@ class ModelServer:
             handler_class=QuietHandler,
         )
         self._loaders: list[gevent.Greenlet] = []
+
+    def _load_user_models(self) -> dict[str, Runner]:
+        """The user models' runners, loaded now; raises what the first that fails raises."""
+        loaded: dict[str, Runner] = {}
+        try:
+            for name in self.options.models:
+                if name in self.options.runner.user_models:
+                    loaded[name] = self._runner_factory(name, self.options.runner)
+        except BaseException:
+            for runner in loaded.values():
+                runner.close()
+            raise
+        return loaded
 
     @property
     def url(self) -> str:
@@ -425,6 +441,9 @@ class ModelServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.stop(timeout=timeout_s)
         gevent.killall(self._loaders)
+        for runner in self._preloaded.values():  # stopped before they were handed over
+            runner.close()
+        self._preloaded.clear()
         for model in self.models.values():
             if model.batcher is not None:
                 model.batcher.close()
@@ -435,8 +454,10 @@ class ModelServer:
         hub = gevent.get_hub()
         started = time.monotonic()
         try:
-            # loading parses weights in C; keep the hub answering health checks meanwhile
-            runner = hub.threadpool.apply(self._runner_factory, (model.name, self.options.runner))
+            runner = self._preloaded.pop(model.name, None)
+            if runner is None:
+                # loading parses weights in C; keep the hub answering health checks meanwhile
+                runner = hub.threadpool.apply(self._runner_factory, (model.name, self.options.runner))
         except Exception as exc:  # noqa: BLE001 - logged with its traceback, the model marked failed
             # a runtime or weights that fail to load can raise anything (from C too); health
             # says the model failed and the server keeps serving the others

@@ -14,6 +14,10 @@ Models:
   and SPAN, with their licenses), served by
   :class:`~chaoqing.modelserver.runners.upscaler.UpscalerRunner` on the runtime the settings
   name: ncnn, OpenVINO, ONNX Runtime or PyTorch (:mod:`chaoqing.modelserver.runners.backends`).
+- the user's own model files, ``[models.NAME]`` in the config (:class:`chaoqing.config.UserModel`,
+  given as ``RunnerSettings.user_models``): .pth/.safetensors through spandrel on torch, .onnx
+  on ONNX Runtime or OpenVINO, ncnn .param files
+  (:mod:`chaoqing.modelserver.runners.user_models`), each on its own runtime.
 - ``face-detector``: dlib HOG + 5-point landmarks (:mod:`chaoqing.modelserver.runners.dlib_detector`).
 - ``sim-upscale-x2``, ``sim-upscale-x4``, ``sim-face``, ``sim-detector``: simulators for tests
   and benchmarks (:mod:`chaoqing.modelserver.runners.sim`); built only when named. Only they
@@ -31,6 +35,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from chaoqing.config import UserModel
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.backends import RUNTIMES, check_device, check_runtime
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
@@ -47,6 +52,7 @@ __all__ = [
     "check_model_options",
     "check_runtimes",
     "create_runner",
+    "runtime_for",
     "uses_runtime",
 ]
 
@@ -71,6 +77,8 @@ class RunnerSettings:
       logos HOG mistakes for faces at 0.0).
     - ``model_options``: ``KEY=VALUE`` settings of runners that take their own (the
       simulators); a model that takes none refuses any (see :func:`check_model_options`).
+    - ``user_models``: the user's model files by name (``[models.NAME]``); each runs on its own
+      ``runtime`` and on ``device``.
 
     Raises RunnerError when a value is out of range, ``runtime`` is unknown, or ``device`` is
     malformed or not one the runtime drives (cheap: nothing is imported; :func:`check_runtimes`
@@ -85,9 +93,14 @@ class RunnerSettings:
     detector_upsample: int = -1
     detector_threshold: float = 0.3
     model_options: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    user_models: Mapping[str, UserModel] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_options", types.MappingProxyType(dict(self.model_options)))
+        object.__setattr__(self, "user_models", types.MappingProxyType(dict(self.user_models)))
+        taken = [name for name in self.user_models if name in _FACTORIES]
+        if taken:
+            raise RunnerError(f"models.{taken[0]}: {taken[0]} is a bundled model's name; choose another")
         for name in ("threads", "tile_size"):
             if getattr(self, name) < 0:
                 raise RunnerError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -169,9 +182,18 @@ _FACTORIES: Mapping[str, Callable[[str, RunnerSettings], Runner]] = types.Mappin
 )
 
 
-def available_models() -> list[str]:
-    """Every model name :func:`create_runner` accepts; simulators start with ``sim-``."""
-    return list(_FACTORIES)
+def _create_user_model(name: str, settings: RunnerSettings) -> Runner:
+    from chaoqing.modelserver.runners.user_models import create_user_runner
+
+    model = settings.user_models[name]
+    return create_user_runner(model, model.runtime, settings.device, threads=settings.threads,
+                              max_batch_size=settings.max_batch_size)
+
+
+def available_models(settings: RunnerSettings | None = None) -> list[str]:
+    """Every model name :func:`create_runner` accepts (the user models of ``settings`` last);
+    simulators start with ``sim-``."""
+    return [*_FACTORIES, *(settings.user_models if settings else ())]
 
 
 def check_model_options(name: str, options: Mapping[str, str]) -> None:
@@ -193,17 +215,32 @@ def check_model_options(name: str, options: Mapping[str, str]) -> None:
 
 def uses_runtime(name: str) -> bool:
     """Whether model ``name`` is computed by the settings' runtime (the bundled upscalers are;
-    the detector and the simulators are not)."""
+    the detector and the simulators are not, and a user model has its own)."""
     return name in UPSCALERS
 
 
+def runtime_for(name: str, settings: RunnerSettings) -> str | None:
+    """The runtime model ``name`` runs on: a user model's own, the settings' for a bundled
+    upscaler, None for the detector and the simulators."""
+    if name in settings.user_models:
+        return settings.user_models[name].runtime
+    return settings.runtime if uses_runtime(name) else None
+
+
 def check_runtimes(names: Iterable[str], settings: RunnerSettings) -> None:
-    """Before any model loads: check that the runtime and device the models ``names`` need
+    """Before any model loads: check that the runtimes and device the models ``names`` need
     are installed and present (nothing when none of them uses a runtime).
 
     Raises RunnerError in one line that says what is missing and what to install, e.g.
-    ``runtime openvino is not installed: pip install 'chaoqing[openvino]'``.
+    ``runtime openvino is not installed: pip install 'chaoqing[openvino]'``; for a user model,
+    the line starts with its config key.
     """
+    for name in dict.fromkeys(names):
+        if name in settings.user_models:
+            try:
+                check_runtime(settings.user_models[name].runtime, settings.device)
+            except RunnerError as exc:
+                raise RunnerError(f"models.{name}.runtime: {exc}") from exc
     if any(uses_runtime(name) for name in names):
         check_runtime(settings.runtime, settings.device)
 
@@ -215,8 +252,8 @@ def create_runner(name: str, settings: RunnerSettings) -> Runner:
     not take, and whatever the runner raises while loading: missing weights or packages, an
     unusable device.
     """
-    factory = _FACTORIES.get(name)
+    factory = _create_user_model if name in settings.user_models else _FACTORIES.get(name)
     if factory is None:
-        raise RunnerError(f"unknown model {name!r}; known models: {', '.join(_FACTORIES)}")
+        raise RunnerError(f"unknown model {name!r}; known models: {', '.join(available_models(settings))}")
     check_model_options(name, settings.model_options)
     return factory(name, settings)

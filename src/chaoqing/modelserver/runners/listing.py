@@ -1,21 +1,25 @@
 """What ``chaoqing models`` prints: every bundled model's card, whether its files are here, and
-which runtimes are installed. Cheap: packages are located, never imported."""
+which runtimes are installed; and the user's own model files (``[models.NAME]``), with the
+license and source their tables give. Cheap: packages are located, never imported, and user
+files are not opened (their architecture and scale, when the table gives none, are read when
+a model server loads them: its metadata says them)."""
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from chaoqing.config import UserModel
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.backends import RUNTIMES
 from chaoqing.modelserver.runners.catalog import DETECTOR_CARD, UPSCALERS, ModelCard, model_files
 
-__all__ = ["installed_runtimes", "list_models", "models_table"]
+__all__ = ["installed_runtimes", "list_models", "list_user_models", "models_table"]
 
 DETECTOR_MODULES = ("dlib", "face_recognition_models")
 # columns of the table: heading, key, widest text shown
-_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 16),
+_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 30),
             ("commercial", "commercial_use", 10), ("for", "purpose", 60))
 
 
@@ -41,6 +45,7 @@ def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str)
         "installed": installed,
         "files": list(files),
         "missing": missing,
+        "user_model": False,
     }
 
 
@@ -57,6 +62,22 @@ def list_models() -> list[dict[str, Any]]:
         listed.append(_entry(model.card, True, [str(path) for path in paths], ""))
     absent = [module for module in DETECTOR_MODULES if not _located(module)]
     listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
+    return listed
+
+
+def list_user_models(models: Iterable[UserModel]) -> list[dict[str, Any]]:
+    """The user's model files as :func:`list_models` gives the bundled ones; ``scale`` 0 and
+    ``architecture`` "read when loaded" where the table says no scale."""
+    from chaoqing.modelserver.runners.user_models import user_model_card
+
+    listed = []
+    for model in models:
+        card = user_model_card(model, f"{model.suffix} file on {model.runtime}", model.scale)
+        missing = [str(path) for path in model.files if not path.is_file()]
+        entry = _entry(card, not missing, [str(path) for path in model.files],
+                       f"not there: {', '.join(missing)}" if missing else "")
+        entry["user_model"] = True  # the license and source are the config's words
+        listed.append(entry)
     return listed
 
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.backends import Backend, Device
 from chaoqing.modelserver.runners.catalog import UpscalerModel, model_files
+
+if TYPE_CHECKING:
+    from chaoqing.modelserver.runners.upscaler import UpscalerDescription
 
 __all__ = ["INPUT_BLOB", "OUTPUT_BLOB", "NcnnBackend", "check_vulkan_device"]
 
@@ -52,14 +56,22 @@ class NcnnBackend(Backend):
     platform = "ncnn"
     max_items = 1
 
-    def __init__(self, model: UpscalerModel, device: Device, *, threads: int = 0) -> None:
-        """Load the model's files into ncnn on ``device`` (cpu or vulkan:N).
+    def __init__(self, model: UpscalerDescription, device: Device, *, threads: int = 0,
+                 files: tuple[Path, Path] | None = None, input_blob: str = INPUT_BLOB,
+                 output_blob: str = OUTPUT_BLOB) -> None:
+        """Load the model's files (``files``: a user's .param and .bin; else the bundled
+        model's) into ncnn on ``device`` (cpu or vulkan:N).
 
         Raises RunnerError for missing files, a Vulkan GPU ncnn does not see, or files ncnn
-        cannot load or whose blobs are not ``data`` → ``output``.
+        cannot load or whose blobs are not ``input_blob`` → ``output_blob``.
         """
         super().__init__(model.scale)
-        param_path, weights_path = model_files(model)
+        if files is None:
+            if not isinstance(model, UpscalerModel):
+                raise RunnerError(f"{model.name}: no ncnn files given")
+            files = model_files(model)
+        param_path, weights_path = files
+        self.input_blob, self.output_blob = input_blob, output_blob
         import ncnn  # lazy: only a process that serves this model pays for it
 
         self.model_name = model.name
@@ -76,10 +88,10 @@ class NcnnBackend(Backend):
             raise RunnerError(f"ncnn could not load {param_path}")
         if self._net.load_model(str(weights_path)) != 0:
             raise RunnerError(f"ncnn could not load {weights_path}")
-        if INPUT_BLOB not in self._net.input_names() or OUTPUT_BLOB not in self._net.output_names():
+        if input_blob not in self._net.input_names() or output_blob not in self._net.output_names():
             raise RunnerError(
-                f"{param_path} does not have input blob {INPUT_BLOB!r} and output blob "
-                f"{OUTPUT_BLOB!r} (it has {self._net.input_names()} → {self._net.output_names()})"
+                f"{param_path} does not have input blob {input_blob!r} and output blob "
+                f"{output_blob!r} (it has {self._net.input_names()} → {self._net.output_names()})"
             )
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
@@ -92,8 +104,8 @@ class NcnnBackend(Backend):
         tile = np.ascontiguousarray(batch[0])
         extractor = self._net.create_extractor()
         try:
-            extractor.input(INPUT_BLOB, self._ncnn.Mat(tile))
-            status, output_mat = extractor.extract(OUTPUT_BLOB)
+            extractor.input(self.input_blob, self._ncnn.Mat(tile))
+            status, output_mat = extractor.extract(self.output_blob)
             if status != 0:
                 raise RunnerError(f"{self.model_name}: ncnn extract failed with status {status}")
             output = np.array(output_mat, dtype=np.float32, copy=True)

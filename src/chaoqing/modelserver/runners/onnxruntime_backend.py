@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from chaoqing.modelserver.runners.backends import (
 )
 from chaoqing.modelserver.runners.catalog import UpscalerModel, model_files
 
+if TYPE_CHECKING:
+    from chaoqing.modelserver.runners.upscaler import UpscalerDescription
+
 __all__ = ["CPU_PROVIDER", "OnnxruntimeBackend", "onnxruntime_providers", "tensorrt_profile"]
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -47,17 +50,18 @@ TENSORRT_CACHE_FOLDER = "tensorrt-engines"
 ProviderList = list[str | tuple[str, dict[str, Any]]]
 
 
-def tensorrt_profile(max_items: int, max_side: int) -> dict[str, str]:
-    """TensorRT's one optimisation profile for input ``input``: from one 1×1 image to
+def tensorrt_profile(max_items: int, max_side: int, input_name: str = INPUT_NAME) -> dict[str, str]:
+    """TensorRT's one optimisation profile for input ``input_name``: from one 1×1 image to
     ``max_items`` images of ``max_side``², tuned for one image of ``max_side``² (a tile)."""
     return {
-        "trt_profile_min_shapes": f"{INPUT_NAME}:1x3x1x1",
-        "trt_profile_opt_shapes": f"{INPUT_NAME}:1x3x{max_side}x{max_side}",
-        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_items}x3x{max_side}x{max_side}",
+        "trt_profile_min_shapes": f"{input_name}:1x3x1x1",
+        "trt_profile_opt_shapes": f"{input_name}:1x3x{max_side}x{max_side}",
+        "trt_profile_max_shapes": f"{input_name}:{max_items}x3x{max_side}x{max_side}",
     }
 
 
-def onnxruntime_providers(device: Device, *, max_items: int, max_side: int, cache_folder: Path) -> ProviderList:
+def onnxruntime_providers(device: Device, *, max_items: int, max_side: int, cache_folder: Path,
+                          input_name: str = INPUT_NAME) -> ProviderList:
     """The execution providers, most wanted first, for ``device``.
 
     Raises RunnerError for a device kind onnxruntime does not drive.
@@ -73,7 +77,7 @@ def onnxruntime_providers(device: Device, *, max_items: int, max_side: int, cach
             "trt_fp16_enable": False,  # the bundled models' output stays within 1/255 of ncnn's
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache_folder / TENSORRT_CACHE_FOLDER),
-            **tensorrt_profile(max_items, max_side),
+            **tensorrt_profile(max_items, max_side, input_name),
         }
         return [(ONNXRUNTIME_PROVIDERS[TENSORRT], tensorrt_options), cuda, CPU_PROVIDER]
     raise RunnerError(f"onnxruntime does not run on {device}")
@@ -97,15 +101,19 @@ def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
 
 
 class OnnxruntimeBackend(Backend):
-    """One ``InferenceSession`` of the converted model; up to ``max_items`` images per call."""
+    """One ``InferenceSession`` of the converted model (or a user's ONNX file); up to
+    ``max_items`` images per call."""
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, model: UpscalerModel, device: Device, *, threads: int = 0, max_items: int = 8,
-                 max_side: int = 0, onnx_path: Path | None = None) -> None:
+    def __init__(self, model: UpscalerDescription, device: Device, *, threads: int = 0, max_items: int = 8,
+                 max_side: int = 0, onnx_path: Path | None = None, input_name: str = INPUT_NAME,
+                 output_name: str = OUTPUT_NAME) -> None:
         """Open a session of ``model``'s ONNX form (``onnx_path``, or the converter's cached
         file) on ``device``; ``max_side`` is the longest tile side the runner sends (0: the
-        model's default tile with its context), which bounds TensorRT's profile.
+        model's default tile with its context), which bounds TensorRT's profile;
+        ``input_name`` and ``output_name`` are the graph's image tensors (a user's file names
+        its own).
 
         Raises RunnerError when the files are missing, the conversion or the session fails,
         or the session did not get the provider ``device`` asks for.
@@ -116,9 +124,12 @@ class OnnxruntimeBackend(Backend):
         if onnx_path is None:
             from chaoqing.modelserver.convert import converted_onnx_path
 
+            if not isinstance(model, UpscalerModel):
+                raise RunnerError(f"{model.name}: no ONNX file given")  # only the bundled models convert
             onnx_path = converted_onnx_path(*model_files(model))
         self.model_name = model.name
         self.max_items = max_items
+        self.input_name, self.output_name = input_name, output_name
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -126,7 +137,7 @@ class OnnxruntimeBackend(Backend):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         max_side = max_side or model.default_tile_size + 2 * model.tile_context
         providers = onnxruntime_providers(device, max_items=max_items, max_side=max_side,
-                                          cache_folder=onnx_path.parent)
+                                          cache_folder=onnx_path.parent, input_name=input_name)
         self._errors = _onnxruntime_errors()
         try:
             self._session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
@@ -142,7 +153,8 @@ class OnnxruntimeBackend(Backend):
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` through the session; raises RunnerError when onnxruntime fails."""
         try:
-            outputs = self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+            outputs = self._session.run([self.output_name],
+                                        {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         except self._errors as exc:
             raise RunnerError(f"{self.model_name}: onnxruntime failed: {exc}") from exc
         output: np.ndarray = outputs[0]

@@ -1,4 +1,5 @@
-"""The OpenVINO backend: the converted ONNX form of a bundled model, compiled for the CPU.
+"""The OpenVINO backend: the converted ONNX form of a bundled model (or a user's ONNX file),
+compiled for the CPU.
 
 ``openvino.Core().compile_model`` on the ONNX file from
 :func:`chaoqing.modelserver.convert.converted_onnx_path`, with ``INFERENCE_NUM_THREADS`` =
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.backends import Backend
 from chaoqing.modelserver.runners.catalog import UpscalerModel, model_files
+
+if TYPE_CHECKING:
+    from chaoqing.modelserver.runners.upscaler import UpscalerDescription
 
 __all__ = ["OpenvinoBackend"]
 
@@ -34,7 +38,7 @@ class OpenvinoBackend(Backend):
 
     platform = "openvino"
 
-    def __init__(self, model: UpscalerModel, *, threads: int = 0, max_items: int = 8,
+    def __init__(self, model: UpscalerDescription, *, threads: int = 0, max_items: int = 8,
                  onnx_path: Path | None = None) -> None:
         """Read ``model``'s ONNX form (``onnx_path``, or the converter's cached file) and compile it.
 
@@ -46,6 +50,8 @@ class OpenvinoBackend(Backend):
         if onnx_path is None:
             from chaoqing.modelserver.convert import converted_onnx_path
 
+            if not isinstance(model, UpscalerModel):
+                raise RunnerError(f"{model.name}: no ONNX file given")  # only the bundled models convert
             onnx_path = converted_onnx_path(*model_files(model))
         self.model_name = model.name
         self.max_items = max_items

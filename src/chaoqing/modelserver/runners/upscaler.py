@@ -47,15 +47,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.backends import Backend
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec, image_batch
-from chaoqing.modelserver.runners.catalog import UpscalerModel
+from chaoqing.modelserver.runners.catalog import ModelCard
 
-__all__ = ["EDGE_PADDING_PX", "MAX_EDGE_PADDING_PX", "UpscalerRunner", "one_pass_size"]
+__all__ = ["EDGE_PADDING_PX", "MAX_EDGE_PADDING_PX", "UpscalerDescription", "UpscalerRunner", "one_pass_size"]
 
 # realesrgan-ncnn-vulkan (src/main.cpp): prepadding = 10 for every Real-ESRGAN model, filled
 # by replicating the image border (its preprocessing clamps coordinates into the image).
@@ -78,6 +79,27 @@ def one_pass_size(tile_size: int, tile_context: int) -> int:
     return tile_size + 2 * (max(tile_context, EDGE_PADDING_PX) - EDGE_PADDING_PX)
 
 
+class UpscalerDescription(Protocol):
+    """What the runner needs to know of a model: a bundled
+    :class:`~chaoqing.modelserver.runners.catalog.UpscalerModel`, or a user's file
+    (:class:`~chaoqing.modelserver.runners.user_models.UserUpscaler`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def scale(self) -> int: ...
+
+    @property
+    def card(self) -> ModelCard: ...
+
+    @property
+    def default_tile_size(self) -> int: ...
+
+    @property
+    def tile_context(self) -> int: ...
+
+
 def _split_evenly(length: int, max_part: int) -> list[tuple[int, int]]:
     """Cut [0, length) into the fewest near-equal parts no longer than ``max_part``."""
     part_count = max(1, math.ceil(length / max_part))
@@ -86,7 +108,7 @@ def _split_evenly(length: int, max_part: int) -> list[tuple[int, int]]:
 
 
 class UpscalerRunner(Runner):
-    """A bundled upscaler on one backend: ``image`` UINT8 [B,H,W,3] RGB → ``image`` UINT8 [B,sH,sW,3].
+    """An upscaler on one backend: ``image`` UINT8 [B,H,W,3] RGB → ``image`` UINT8 [B,sH,sW,3].
 
     :meth:`run` keeps its state in its own call: batches may run at once on several threads (the
     batcher starts one per free compute slot), as far as the backend allows (every one does).
@@ -94,7 +116,7 @@ class UpscalerRunner(Runner):
 
     def __init__(
         self,
-        model: UpscalerModel,
+        model: UpscalerDescription,
         backend: Backend,
         *,
         runtime: str,
