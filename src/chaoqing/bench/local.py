@@ -166,12 +166,12 @@ class _Script:
         """Each face aligned exactly as the gateway aligns it (crop size, template, warp)."""
         import numpy as np
 
+        from chaoqing.gateway.stages.detect import alignment_template
         from chaoqing.gateway.stages.enhance_faces import (
             align_face,
             choose_crop_size,
             face_size_in_image,
         )
-        from chaoqing.gateway.stages.detect import alignment_template
         from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
 
         assert self.face_model is not None
