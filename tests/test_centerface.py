@@ -204,3 +204,18 @@ def test_each_detector_serves_the_gateway_which_pastes_the_face_where_it_is(
         assert abs(float(window.mean()) - FACE_MARK_LEVELS) <= 4, (x, y, window.mean())
     for corner in (difference[:40, :40], difference[-40:, -40:], difference[:40, -40:]):
         assert not corner.any()
+
+
+@pytest.mark.slow
+def test_a_large_image_is_shrunk_first_and_the_face_scaled_back(centerface: CenterFaceDetector) -> None:
+    import cv2
+
+    large_image = np.asarray(Image.fromarray(data.astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC))
+    large = centerface.run({"image": large_image})  # 4 MP: run at 1 MP, on the 1000 px copy
+    assert centerface.spec.parameters["max_pixels"] == 1_000_000
+    copy = np.ascontiguousarray(cv2.resize(large_image, (1000, 1000), interpolation=cv2.INTER_AREA))
+    small = centerface.run({"image": copy})
+    assert large["boxes"].shape == small["boxes"].shape == (1, 4)
+    factor = 2048 / 1000
+    np.testing.assert_allclose(large["boxes"][0], small["boxes"][0] * factor, rtol=1e-5)
+    np.testing.assert_allclose(large["landmarks"][0], (small["landmarks"][0] + 0.5) * factor - 0.5, rtol=1e-5)

