@@ -449,7 +449,7 @@ def test_models_command_lists_every_bundled_model_with_its_license() -> None:
     assert as_json.returncode == 0, as_json.stderr
     listing = json.loads(as_json.stdout)
     models = {entry["name"]: entry for entry in listing["models"]}
-    assert list(models) == [*UPSCALERS, "centerface", "face-detector"]
+    assert list(models) == [*UPSCALERS, "centerface", "face-detector", "face-descriptor"]
     for entry in models.values():
         assert entry["installed"] and entry["license"] and entry["source"] and entry["purpose"]
         assert entry["commercial_use"] in ("yes", "no", "unverified")

