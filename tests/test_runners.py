@@ -142,6 +142,8 @@ def test_available_models_lists_real_models_and_simulators() -> None:
         "span-x4-ch52",
         "span-hfa2k-x2",
         "face-detector",
+        "centerface",
+        "face-descriptor",
         "sim-upscale-x2",
         "sim-upscale-x4",
         "sim-face",

@@ -449,13 +449,14 @@ def test_models_command_lists_every_bundled_model_with_its_license() -> None:
     assert as_json.returncode == 0, as_json.stderr
     listing = json.loads(as_json.stdout)
     models = {entry["name"]: entry for entry in listing["models"]}
-    assert list(models) == [*UPSCALERS, "face-detector"]
+    assert list(models) == [*UPSCALERS, "centerface", "face-detector", "face-descriptor"]
     for entry in models.values():
         assert entry["installed"] and entry["license"] and entry["source"] and entry["purpose"]
         assert entry["commercial_use"] in ("yes", "no", "unverified")
-    assert {name: models[name]["scale"] for name in ("span-x2-ch48", SPAN_X4, COMPACT_X4, "face-detector")} == {
-        "span-x2-ch48": 2, SPAN_X4: 4, COMPACT_X4: 4, "face-detector": 0,
+    assert {name: models[name]["scale"] for name in ("span-x2-ch48", SPAN_X4, COMPACT_X4, "face-detector", "centerface")} == {
+        "span-x2-ch48": 2, SPAN_X4: 4, COMPACT_X4: 4, "face-detector": 0, "centerface": 0,
     }
+    assert models["centerface"]["license"] == "MIT" and Path(models["centerface"]["files"][0]).name == "centerface.onnx"
     clear_reality = models["span-clearreality-x4"]
     assert clear_reality["license"] == "CC-BY-NC-SA-4.0" and clear_reality["commercial_use"] == "no"
     assert models[SPAN_X4]["license"] == "CC-BY-SA-4.0"

@@ -84,9 +84,9 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
               help="Compute threads per model instance; 0 = number of CPUs.")
 @click.option("--runtime", default=None, metavar="NAME",
               help="What computes the bundled upscalers: ncnn, openvino, onnxruntime or torch. The last three are "
-                   "extras: pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detector is "
-                   "dlib's; a model file of yours runs on its table's runtime).  [default: ncnn, or that of the "
-                   "model files served when all are yours]")
+                   "extras: pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detectors "
+                   "bring their own: CenterFace on onnxruntime, dlib; a model file of yours runs on its table's "
+                   "runtime).  [default: ncnn, or that of the model files served when all are yours]")
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="cpu; vulkan:N (ncnn); cuda:N (onnxruntime, torch); tensorrt:N (onnxruntime's TensorRT provider).")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),

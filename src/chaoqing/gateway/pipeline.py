@@ -55,7 +55,7 @@ import numpy.typing as npt
 from gevent.lock import BoundedSemaphore
 
 from chaoqing.config import Config, Preset
-from chaoqing.errors import BadModelResponse, ChaoqingError, DeadlineExceeded
+from chaoqing.errors import ChaoqingError, DeadlineExceeded
 from chaoqing.gateway.remote import CallObserver, RemoteModel, RemoteModels
 from chaoqing.gateway.stages.composite import (
     FacePaste,
@@ -72,6 +72,7 @@ from chaoqing.gateway.stages.decode import (
 from chaoqing.gateway.stages.detect import (
     DETECTOR_OUTPUTS,
     DetectedFace,
+    alignment_template,
     faces_from_detections,
     shrink_for_detection,
 )
@@ -626,14 +627,8 @@ def _face_deadline(request: PhotoRequest) -> float:
 
 
 def _alignment_template(detector: RemoteModel, deadline: float) -> npt.NDArray[np.float64]:
-    """The template for the detector's landmarks (its metadata says; FFHQ's 5 points otherwise)."""
-    raw = detector.metadata(deadline).parameters.get("alignment_template_512")
-    if raw is None:
-        return FFHQ_TEMPLATE_512
-    template = np.asarray(raw, dtype=np.float64)
-    if template.shape != (5, 2) or not np.all(np.isfinite(template)):
-        raise BadModelResponse(f"detector {detector.name}: alignment_template_512 is not [5,2] numbers")
-    return template
+    """The template for the detector's landmarks, as its metadata's convention or template says."""
+    return alignment_template(detector.metadata(deadline).parameters, detector.name)
 
 
 def _face_result(job: gevent.Greenlet, face: DetectedFace) -> FaceResult:

@@ -16,11 +16,54 @@ import numpy as np
 import numpy.typing as npt
 
 from chaoqing.errors import BadModelResponse
+from chaoqing.gateway.stages.face_geometry import DLIB_5_TEMPLATE_512, FFHQ_TEMPLATE_512
 
-__all__ = ["DETECTOR_OUTPUTS", "DetectedFace", "faces_from_detections", "shrink_for_detection"]
+__all__ = [
+    "DETECTOR_OUTPUTS",
+    "LANDMARK_TEMPLATES",
+    "DetectedFace",
+    "alignment_template",
+    "faces_from_detections",
+    "shrink_for_detection",
+]
 
 DETECTOR_OUTPUTS = ("boxes", "scores", "landmarks")
 LANDMARK_COUNT = 5
+
+# A detector's metadata ``landmark_convention`` → the 512 px template its 5 points align to:
+# CenterFace gives FFHQ's own points (eye centres, nose tip, mouth corners), dlib's predictor
+# eye corners and the base of the nose (face_geometry.DLIB_5_TEMPLATE_512 maps them to FFHQ).
+LANDMARK_TEMPLATES: Mapping[str, npt.NDArray[np.float64]] = {
+    "ffhq-5": FFHQ_TEMPLATE_512,
+    "dlib-5": DLIB_5_TEMPLATE_512,
+}
+
+
+def alignment_template(parameters: Mapping[str, object], detector_name: str) -> npt.NDArray[np.float64]:
+    """The template a detector's landmarks align to, from its metadata ``parameters``: the
+    template of a known ``landmark_convention``; else its ``alignment_template_512``; else
+    FFHQ's 5 points.
+
+    Raises BadModelResponse for an unknown convention without a template, or a template that
+    is not [5,2] finite numbers."""
+    convention = parameters.get("landmark_convention")
+    if isinstance(convention, str) and convention in LANDMARK_TEMPLATES:
+        return LANDMARK_TEMPLATES[convention]
+    raw = parameters.get("alignment_template_512")
+    if raw is None:
+        if convention is not None:
+            raise BadModelResponse(
+                f"detector {detector_name}: landmark_convention {convention!r} is not one of "
+                f"{', '.join(LANDMARK_TEMPLATES)} and it publishes no alignment_template_512"
+            )
+        return FFHQ_TEMPLATE_512
+    try:
+        template = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        template = np.zeros(0)
+    if template.shape != (LANDMARK_COUNT, 2) or not np.all(np.isfinite(template)):
+        raise BadModelResponse(f"detector {detector_name}: alignment_template_512 is not [5,2] numbers")
+    return template
 
 
 @dataclass(frozen=True, eq=False)

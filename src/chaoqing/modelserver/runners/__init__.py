@@ -14,11 +14,15 @@ Models:
   and SPAN, with their licenses), served by
   :class:`~chaoqing.modelserver.runners.upscaler.UpscalerRunner` on the runtime the settings
   name: ncnn, OpenVINO, ONNX Runtime or PyTorch (:mod:`chaoqing.modelserver.runners.backends`).
+- ``centerface``: the CenterFace CNN detector on ONNX Runtime, boxes and FFHQ's 5 points
+  (:mod:`chaoqing.modelserver.runners.centerface`); the default detector.
 - the user's own model files, ``[models.NAME]`` in the config (:class:`chaoqing.config.UserModel`,
   given as ``RunnerSettings.user_models``): .pth/.safetensors through spandrel on torch, .onnx
   on ONNX Runtime or OpenVINO, ncnn .param files
   (:mod:`chaoqing.modelserver.runners.user_models`), each on its own runtime.
 - ``face-detector``: dlib HOG + 5-point landmarks (:mod:`chaoqing.modelserver.runners.dlib_detector`).
+- ``face-descriptor``: dlib's 128-D face descriptor of faces at given boxes (and landmarks)
+  (:mod:`chaoqing.modelserver.runners.face_descriptor`), for identity measurements.
 - ``sim-upscale-x2``, ``sim-upscale-x4``, ``sim-face``, ``sim-detector``: simulators for tests
   and benchmarks (:mod:`chaoqing.modelserver.runners.sim`); built only when named. Only they
   take model options (``latency_ms``, ``faces``, ``concurrency``: see
@@ -140,6 +144,18 @@ def _create_face_detector(name: str, settings: RunnerSettings) -> Runner:
     )
 
 
+def _create_centerface(name: str, settings: RunnerSettings) -> Runner:
+    from chaoqing.modelserver.runners.centerface import CenterFaceDetector
+
+    return CenterFaceDetector(threads=settings.threads)
+
+
+def _create_face_descriptor(name: str, settings: RunnerSettings) -> Runner:
+    from chaoqing.modelserver.runners.face_descriptor import FaceDescriptorRunner
+
+    return FaceDescriptorRunner()
+
+
 def _create_sim_upscaler(name: str, settings: RunnerSettings) -> Runner:
     from chaoqing.modelserver.runners.sim import SimSettings, SimUpscaler
 
@@ -174,6 +190,8 @@ _FACTORIES: Mapping[str, Callable[[str, RunnerSettings], Runner]] = types.Mappin
     {
         **{name: _create_upscaler for name in UPSCALERS},
         "face-detector": _create_face_detector,
+        "centerface": _create_centerface,
+        "face-descriptor": _create_face_descriptor,
         "sim-upscale-x2": _create_sim_upscaler,
         "sim-upscale-x4": _create_sim_upscaler,
         "sim-face": _create_sim_face,

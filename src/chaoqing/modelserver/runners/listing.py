@@ -13,11 +13,19 @@ from typing import Any
 from chaoqing.config import UserModel
 from chaoqing.errors import RunnerError
 from chaoqing.modelserver.runners.backends import RUNTIMES
-from chaoqing.modelserver.runners.catalog import DETECTOR_CARD, UPSCALERS, ModelCard, model_files
+from chaoqing.modelserver.runners.catalog import (
+    CENTERFACE_CARD,
+    DETECTOR_CARD,
+    FACE_DESCRIPTOR_CARD,
+    UPSCALERS,
+    ModelCard,
+    model_files,
+)
 
 __all__ = ["installed_runtimes", "list_models", "list_user_models", "models_table"]
 
 DETECTOR_MODULES = ("dlib", "face_recognition_models")
+CENTERFACE_MODULES = ("onnxruntime", "onnx")
 # columns of the table: heading, key, widest text shown
 _COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 30),
             ("commercial", "commercial_use", 10), ("for", "purpose", 60))
@@ -50,7 +58,7 @@ def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str)
 
 
 def list_models() -> list[dict[str, Any]]:
-    """Every bundled model (the upscalers, then the detector) as a dict: its card, ``installed``
+    """Every bundled model (the upscalers, the detectors, the face descriptor) as a dict: its card, ``installed``
     (its files or packages are here), ``files`` and, when not installed, ``missing`` (why)."""
     listed = []
     for model in UPSCALERS.values():
@@ -60,8 +68,10 @@ def list_models() -> list[dict[str, Any]]:
             listed.append(_entry(model.card, False, [], str(exc)))
             continue
         listed.append(_entry(model.card, True, [str(path) for path in paths], ""))
+    listed.append(_centerface_entry())
     absent = [module for module in DETECTOR_MODULES if not _located(module)]
     listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
+    listed.append(_entry(FACE_DESCRIPTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
     return listed
 
 
@@ -79,6 +89,19 @@ def list_user_models(models: Iterable[UserModel]) -> list[dict[str, Any]]:
         entry["user_model"] = True  # the license and source are the config's words
         listed.append(entry)
     return listed
+
+
+def _centerface_entry() -> dict[str, Any]:
+    from chaoqing.modelserver.runners.centerface import (
+        centerface_model_path,  # cheap: no onnxruntime import
+    )
+
+    absent = [module for module in CENTERFACE_MODULES if not _located(module)]
+    try:
+        files = [str(centerface_model_path())]
+    except RunnerError as exc:
+        return _entry(CENTERFACE_CARD, False, [], str(exc))
+    return _entry(CENTERFACE_CARD, not absent, files, f"not installed: {', '.join(absent)}" if absent else "")
 
 
 def installed_runtimes() -> dict[str, bool]:
