@@ -167,3 +167,18 @@ def test_ray_serve_behind_the_gateway_gives_the_runners_images_and_survives_a_ki
     assert during["before"] > 0 and during["failed_before"] == 0
     assert during["after"] > 0 and during["failed_after"] == 0, during
     assert results["after_restart_codes"] == [200] * 6
+
+
+@pytest.mark.timeout(30)
+def test_the_shipped_serve_config_file_is_what_chaoqing_ray_config_prints() -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from chaoqing.cli import cli
+
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    printed = CliRunner().invoke(cli, ["ray", "config", "--config", str(examples / "ray.toml")])
+    assert printed.exit_code == 0, printed.output
+    shipped = yaml.safe_load((examples / "ray-serve.yaml").read_text(encoding="utf-8"))
+    assert yaml.safe_load(printed.output) == shipped
+    assert serve_config(load_ray_config(examples / "ray.toml")) == shipped

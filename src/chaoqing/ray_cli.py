@@ -70,7 +70,7 @@ def deploy(config_path: Path, log_level: str) -> None:
 
     configure_logging(log_level)
     os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
-    from chaoqing.modelserver.ray_serve import start_applications, stop_applications
+    from chaoqing.modelserver.ray_serve import run_applications, start_ray, stop_applications
 
     config = _load(config_path)
     stopping = threading.Event()
@@ -80,17 +80,23 @@ def deploy(config_path: Path, log_level: str) -> None:
             os._exit(1)  # a second signal: out at once
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def handle_signals() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    handle_signals()
     started = time.monotonic()
     try:
-        start_applications(config)
+        start_ray(config)
+        handle_signals()  # over the handlers ray.init installs, which abort the process at exit
+        if not stopping.is_set():
+            run_applications(config)
         if not stopping.is_set():
             models = ", ".join(model.name for model in config.models)
             _log.info("ray serve ready in %.1f s: %s at %s", time.monotonic() - started, models, config.url)
             click.echo(f"serving {models} at {config.url} (Ctrl-C stops)", err=True)
             stopping.wait()
-    except RuntimeError as exc:
+    except (RuntimeError, ConnectionError) as exc:
         raise click.ClickException(f"Ray Serve could not start the models: {exc}") from None
     finally:
         stop_applications()

@@ -77,7 +77,11 @@ __all__ = [
     "build_model_app",
     "build_server_app",
     "load_ray_config",
+    "run_applications",
     "serve_config",
+    "start_applications",
+    "start_ray",
+    "stop_applications",
 ]
 
 SERVER_APPLICATION = "chaoqing"  # the /v2 application; each model's application is named after the model
@@ -610,29 +614,38 @@ def serve_config(config: RayServeConfig) -> dict[str, Any]:
 # -- running -----------------------------------------------------------------------------------
 
 
-def start_applications(config: RayServeConfig, *, temp_dir: str | None = None) -> None:
-    """Start (or join) Ray in this process and run every application of ``config`` on Serve;
-    returns once each application is running (Serve has loaded a replica of every model).
+def start_ray(config: RayServeConfig, *, temp_dir: str | None = None) -> None:
+    """Start a local Ray instance in this process (``[ray] address`` empty) or join a cluster.
 
-    Raises whatever Ray raises when it cannot start or a deployment fails to come up
-    (``RuntimeError`` from ``serve.run``); call :func:`stop_applications` in any case.
+    Ray installs handlers of its own for SIGTERM; a caller that handles signals installs its
+    own again after this. Raises whatever Ray raises when it cannot start or connect
+    (``ConnectionError``, ``RuntimeError``).
     """
     import ray
-    from ray import serve
 
     if config.address:
         ray.init(address=config.address, include_dashboard=False)
-    else:
-        ray.init(
-            num_cpus=config.num_cpus or None,
-            num_gpus=config.num_gpus or None,
-            object_store_memory=config.object_store_memory_mb * MEGABYTE or None,
-            include_dashboard=False,
-            # a local instance serves this machine alone: on loopback, Ray needs no outside
-            # address (finding one, it probes 8.8.8.8 and resolves the hostname: 20 s offline)
-            _node_ip_address=LOOPBACK,
-            _temp_dir=temp_dir,
-        )
+        return
+    ray.init(
+        num_cpus=config.num_cpus or None,
+        num_gpus=config.num_gpus or None,
+        object_store_memory=config.object_store_memory_mb * MEGABYTE or None,
+        include_dashboard=False,
+        # a local instance serves this machine alone: on loopback, Ray needs no outside
+        # address (finding one, it probes 8.8.8.8 and resolves the hostname: 20 s offline)
+        _node_ip_address=LOOPBACK,
+        _temp_dir=temp_dir,
+    )
+
+
+def run_applications(config: RayServeConfig) -> None:
+    """Run every application of ``config`` on Serve (on the Ray this process started or
+    joined); returns once each is running (Serve has loaded a replica of every model).
+
+    Raises ``RuntimeError`` from Serve when a deployment fails to come up.
+    """
+    from ray import serve
+
     serve.start(http_options={"host": config.http_host, "port": config.http_port})
     # all at once: the replicas of every model start side by side (serve.run, one application
     # at a time, waits for each to be running before it deploys the next)
@@ -640,6 +653,13 @@ def start_applications(config: RayServeConfig, *, temp_dir: str | None = None) -
         serve.RunTarget(application, name=name, route_prefix=route_prefix)
         for name, route_prefix, application in build_applications(config)
     ])
+
+
+def start_applications(config: RayServeConfig, *, temp_dir: str | None = None) -> None:
+    """:func:`start_ray`, then :func:`run_applications`; call :func:`stop_applications` in any
+    case. Raises what they raise."""
+    start_ray(config, temp_dir=temp_dir)
+    run_applications(config)
 
 
 def stop_applications() -> None:
