@@ -91,6 +91,19 @@ def test_overhead_compares_the_clients_on_the_same_payloads() -> None:
     assert all(row["us_per_call_p50"] > 0 and row["calls"] == 6 for row in rows)
 
 
+@pytest.mark.timeout(120)
+def test_overhead_compares_another_server_side_by_side(start_model_server_process: Any) -> None:
+    url = start_model_server_process("sim-upscale-x2", "sim-face", "--model-option", "latency_ms=0",
+                                     "--max-batch-size", "1")
+    document = _bench("overhead", "--calls", "4", "--rounds", "1", "--clients", "chaoqing,requests",
+                      "--server", f"other={url}", timeout=100)
+    rows = document["results"]
+    assert {(row["server"], row["client"]) for row in rows} == {
+        (server, client) for server in ("built-in", "other") for client in ("chaoqing", "requests")}
+    assert all(row["ratio_to_built_in"] > 0 for row in rows)
+    assert all(row["ratio_to_built_in"] == 1.0 for row in rows if row["server"] == "built-in")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_models_measures_runners_and_presets_on_real_models(tmp_path: Path) -> None:
