@@ -182,3 +182,10 @@ def test_the_shipped_serve_config_file_is_what_chaoqing_ray_config_prints() -> N
     shipped = yaml.safe_load((examples / "ray-serve.yaml").read_text(encoding="utf-8"))
     assert yaml.safe_load(printed.output) == shipped
     assert serve_config(load_ray_config(examples / "ray.toml")) == shipped
+
+
+@pytest.mark.timeout(10)
+def test_a_joined_cluster_is_not_sized_here(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="local instance"):
+        load_ray_config(write(tmp_path, '[ray]\naddress = "auto"\nnum_cpus = 2\n[models."sim-face"]\n'))
+    assert load_ray_config(write(tmp_path, '[ray]\naddress = "auto"\n[models."sim-face"]\n')).address == "auto"

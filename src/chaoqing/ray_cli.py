@@ -96,7 +96,7 @@ def deploy(config_path: Path, log_level: str) -> None:
             _log.info("ray serve ready in %.1f s: %s at %s", time.monotonic() - started, models, config.url)
             click.echo(f"serving {models} at {config.url} (Ctrl-C stops)", err=True)
             stopping.wait()
-    except (RuntimeError, ConnectionError) as exc:
+    except (RuntimeError, ConnectionError, ValueError) as exc:
         raise click.ClickException(f"Ray Serve could not start the models: {exc}") from None
     finally:
         stop_applications()

@@ -251,6 +251,9 @@ class RayServeConfig:
             raise ConfigError(f"http.port: {self.http_port} is not a port")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.object_store_memory_mb < 0:
             raise ConfigError("ray: num_cpus, num_gpus and object_store_memory_mb must be >= 0")
+        if self.address and (self.num_cpus or self.num_gpus or self.object_store_memory_mb):
+            raise ConfigError("ray: num_cpus, num_gpus and object_store_memory_mb size a local instance; "
+                              "a cluster joined with address has the size `ray start` gave it")
 
     @property
     def url(self) -> str:
@@ -624,7 +627,7 @@ def start_ray(config: RayServeConfig, *, temp_dir: str | None = None) -> None:
     import ray
 
     if config.address:
-        ray.init(address=config.address, include_dashboard=False)
+        ray.init(address=config.address)
         return
     ray.init(
         num_cpus=config.num_cpus or None,
