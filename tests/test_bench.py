@@ -63,6 +63,18 @@ def test_fanout_reports_each_face_count_against_the_critical_path(tmp_path: Path
     assert _is_png(plot)
 
 
+@pytest.mark.timeout(240)
+def test_fanout_measures_another_server_at_the_faces_its_detector_publishes(start_model_server_process: Any) -> None:
+    url = start_model_server_process("sim-upscale-x4", "sim-face", "sim-detector", "--model-option", "latency_ms=10",
+                                     "--model-option", "faces=2", "--max-batch-size", "1")
+    document = _bench("fanout", "--faces", "0,2", "--requests", "2", "--sequential-requests", "1",
+                      "--upscale-ms", "10", "--detect-ms", "10", "--face-ms", "10", "--width", "96", "--height", "96",
+                      "--server", f"other={url}", timeout=200)
+    rows = document["results"]
+    assert [(row["faces"], row["server"]) for row in rows] == [(0, "built-in"), (2, "built-in"), (2, "other")]
+    assert all(row["latency_ms_p50"] > 0 and row["speedup_vs_sequential"] > 0 for row in rows)
+
+
 @pytest.mark.timeout(300)
 def test_load_runs_the_gateway_process_and_gunicorn(tmp_path: Path) -> None:
     plot = tmp_path / "load.png"

@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-__all__ = ["overhead", "run_overhead"]
+__all__ = ["named_urls", "overhead", "run_overhead"]
 
 CLIENTS = ("chaoqing", "tritonclient", "requests", "urllib3")
 PAYLOADS = {  # name: (model, input side); sim-upscale-x2 doubles, sim-face quadruples
@@ -157,7 +157,8 @@ def run_overhead(calls: int, rounds: int, servers: dict[str, str] | None = None,
     return rows
 
 
-def _named_urls(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+def named_urls(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """Click callback: ``NAME=URL`` values as a dict; raises click.BadParameter for a malformed one."""
     named: dict[str, str] = {}
     for value in values:
         name, separator, url = value.partition("=")
@@ -171,7 +172,7 @@ def _named_urls(context: click.Context, parameter: click.Parameter, values: tupl
 @click.option("--calls", default=400, show_default=True, type=click.IntRange(1), help="Calls per client and payload.")
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1),
               help="Turns the clients take (calls are split evenly among them).")
-@click.option("--server", "servers", multiple=True, metavar="NAME=URL", callback=_named_urls,
+@click.option("--server", "servers", multiple=True, metavar="NAME=URL", callback=named_urls,
               help="Also call this v2 server (sim-upscale-x2 and sim-face, latency_ms=0, no batching), "
                    "e.g. ray=http://127.0.0.1:8000.")
 @click.option("--clients", "clients_text", default=",".join(CLIENTS), show_default=True,

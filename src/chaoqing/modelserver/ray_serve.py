@@ -376,16 +376,21 @@ class V2ModelDeployment:
         self._max_items = min(self.settings.max_batch_size, self.spec.max_batch_size) if self._batched else 1
         # a runner computes one batch at a time (Runner's contract); one that waits
         # cooperatively (the simulators) takes as many as it declares
+        # cooperatively (the simulators) takes as many as it declares, at most one per request
+        # this replica holds
         workers = 1
         if self.runner.runs_on_hub:
-            workers = self.runner.max_concurrent_batches or MAX_WAITING_THREADS
+            workers = self.runner.max_concurrent_batches or min(MAX_WAITING_THREADS, self.settings.ongoing_requests_limit)
         self._compute = ThreadPoolExecutor(workers, thread_name_prefix=f"chaoqing-{self.settings.name}")
         from ray import serve
 
         # Serve's dynamic batching, wired to the runner's batch call: concurrent requests to this
-        # replica are gathered into one list for _infer_batch
+        # replica are gathered into one list for _infer_batch, one batch at a time per compute
+        # thread; while one computes, the next gathers what arrives
         self._batch_call = serve.batch(
-            max_batch_size=self.settings.max_batch_size, batch_wait_timeout_s=self.settings.batch_wait_timeout_s
+            max_batch_size=self.settings.max_batch_size,
+            batch_wait_timeout_s=self.settings.batch_wait_timeout_s,
+            max_concurrent_batches=workers,
         )(self._infer_batch)
 
     async def __call__(self, request: Any) -> Any:
