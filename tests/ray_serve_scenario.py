@@ -233,6 +233,7 @@ def main(directory: Path) -> dict[str, Any]:
         photo = png_bytes(photo_array)
         compact = create_runner(COMPACT_X4, RunnerSettings(threads=1))
         expected_compact = compact.run({"image": photo_array[np.newaxis]})["image"][0]
+        results["metadata_is_the_runners"] = json.loads(json.dumps(compact.spec.as_metadata())) == results["metadata"]
         compact.close()
         simulator = create_runner(SIM_X4, RunnerSettings(model_options={"latency_ms": "0"}))
         expected_sim = simulator.run({"image": photo_array[np.newaxis]})["image"][0]
