@@ -190,3 +190,46 @@ def test_a_joined_cluster_is_not_sized_here(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="local instance"):
         load_ray_config(write(tmp_path, '[ray]\naddress = "auto"\nnum_cpus = 2\n[models."sim-face"]\n'))
     assert load_ray_config(write(tmp_path, '[ray]\naddress = "auto"\n[models."sim-face"]\n')).address == "auto"
+
+
+@pytest.mark.timeout(20)
+def test_a_batch_runs_the_runner_once_per_stack_and_gives_each_request_its_own_rows() -> None:
+    """The replica's batch call without Ray: the sim runner, stacked calls, split results, and a
+    failing stack answered with InferenceFailed while the other stack's requests get theirs."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from chaoqing.errors import InferenceFailed
+    from chaoqing.modelserver.runners import RunnerSettings, create_runner
+
+    runner = create_runner("sim-upscale-x2", RunnerSettings(model_options={"latency_ms": "0"}))
+    calls: list[tuple[int, ...]] = []
+    original_run = runner.run
+
+    def counted_run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(tuple(inputs["image"].shape))
+        if inputs["image"].shape[1] == 3:
+            raise RuntimeError("this shape fails")
+        return original_run(inputs)
+
+    replica = V2ModelDeployment.__new__(V2ModelDeployment)
+    replica.runner, replica.spec = runner, runner.spec
+    replica.runner.run = counted_run  # type: ignore[method-assign]
+    replica._batched, replica._max_items = True, 8
+    replica._compute = ThreadPoolExecutor(1)
+    rng = np.random.default_rng(0)
+    first = {"image": rng.integers(0, 256, (1, 4, 4, 3), dtype=np.uint8)}
+    pair = {"image": rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)}
+    failing = {"image": rng.integers(0, 256, (1, 3, 3, 3), dtype=np.uint8)}
+    try:
+        results = asyncio.run(replica._infer_batch([first, failing, pair]))
+    finally:
+        replica._compute.shutdown()
+    assert sorted(calls) == [(1, 3, 3, 3), (3, 4, 4, 3)]  # one call per input shape
+    assert isinstance(results[1], InferenceFailed) and "this shape fails" in str(results[1])
+    for request, result in ((first, results[0]), (pair, results[2])):
+        assert isinstance(result, dict)
+        expected = request["image"].repeat(2, axis=1).repeat(2, axis=2)
+        assert np.array_equal(result["image"], expected)
