@@ -7,15 +7,16 @@ temp dirs, Ray's session files (nothing is written to ~/.ray).
 
 What it does, timing each step:
 
-1. starts a local Ray (2 CPUs, a small object store) in this process and Serve's applications
-   from a chaoqing Ray TOML: the compact model (``realesr-animevideov3-x4``, ncnn, 1 thread)
+1. runs ``chaoqing ray deploy`` (a local Ray: 2 CPUs, a small object store) with a chaoqing Ray
+   TOML, and joins its cluster from here: the compact model (``realesr-animevideov3-x4``, ncnn, 1 thread)
    and ``sim-upscale-x4`` with 2 replicas each, ``sim-face`` and ``sim-detector`` with one;
 2. checks the v2 routes through Ray's HTTP proxy (health, metadata, a 404 for an unknown model);
 3. starts chaoqing's gateway (a separate, monkey-patched process) pointed at Ray's proxy and
    enhances one photo with each upscaler (the compact one without faces, the sim one with
    faces), comparing the pixels with the same runners called here directly;
 4. kills one compact replica's actor (``ray.kill``) while requests keep coming through the
-   gateway, waits for Serve to start a replacement, and sends requests after that.
+   gateway, waits for Serve to start a replacement, and sends requests after that;
+5. stops ``chaoqing ray deploy`` with SIGTERM and looks for Ray processes it left.
 
 The last line on stdout is one JSON object with the results; the exit code is 0 when the
 scenario ran to its end (the test judges the results).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ REPLICA_COUNT = 2
 READY_TIMEOUT_S = 120.0
 REPLACED_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 def free_port() -> int:
@@ -66,6 +68,14 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
         return error.code, error.read(), {key.lower(): value for key, value in error.headers.items()}
 
 
+def ready_status(url: str) -> int:
+    """The status ``GET url`` answers, 0 while nothing listens there yet."""
+    try:
+        return http("GET", url, timeout_s=5)[0]
+    except OSError:  # URLError: refused, reset while the proxy starts
+        return 0
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
@@ -77,18 +87,20 @@ def decode_png(body: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def ray_rss_bytes() -> int:
-    """RSS of this driver and every Ray process (raylet, GCS, workers, replicas, proxy)."""
-    total = psutil.Process().memory_info().rss
-    for process in psutil.process_iter(["name", "cmdline"]):
+def process_tree(root: int) -> list[psutil.Process]:
+    """``root`` and everything it started: `chaoqing ray deploy`, Ray's GCS, raylet, workers."""
+    parent = psutil.Process(root)
+    return [parent, *parent.children(recursive=True)]
+
+
+def tree_rss_bytes(root: int) -> int:
+    total = 0
+    for process in process_tree(root):
         try:
-            command = " ".join(process.info["cmdline"] or [])
-            if process.pid != os.getpid() and ("ray::" in command or "/ray/" in command or "raylet" in command
-                                               or "gcs_server" in command):
-                total += process.memory_info().rss
+            total += process.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return int(total)
+    return total
 
 
 def write_ray_config(directory: Path, port: int) -> Path:
@@ -152,7 +164,7 @@ def start_gateway(config_path: Path, log_path: Path) -> tuple[subprocess.Popen[b
         raise RuntimeError(f"the gateway did not start: {line!r}, see {log_path}")
     url = line.split("listening on ", 1)[1].split()[0]
     ends_at = time.monotonic() + READY_TIMEOUT_S
-    while http("GET", f"{url}/readyz", timeout_s=5)[0] != 200:
+    while ready_status(f"{url}/readyz") != 200:
         if time.monotonic() > ends_at or process.poll() is not None:
             raise RuntimeError(f"the gateway at {url} was not ready in time, see {log_path}")
         time.sleep(0.2)
@@ -176,33 +188,46 @@ def running_replicas(serve: Any, application: str) -> int:
     return int(status.replica_states.get("RUNNING", 0))
 
 
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def main(directory: Path) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from chaoqing.modelserver.ray_serve import (
-        load_ray_config,
-        start_applications,
-        stop_applications,
-    )
+    from chaoqing.modelserver.ray_serve import load_ray_config
     from chaoqing.modelserver.runners import RunnerSettings, create_runner
 
     results: dict[str, Any] = {}
     port = free_port()
-    config = load_ray_config(write_ray_config(directory, port))
-    ray_url = config.url
+    config_path = write_ray_config(directory, port)
+    ray_url = load_ray_config(config_path).url
     started = time.monotonic()
     gateway: subprocess.Popen[bytes] | None = None
+    # `chaoqing ray deploy`, as a user runs it: Ray in its process, Ctrl-C/SIGTERM stops it all
+    with (directory / "deploy.log").open("wb") as deploy_log:
+        deploy = subprocess.Popen([sys.executable, "-m", "chaoqing", "ray", "deploy", "--config", str(config_path)],
+                                  stdout=deploy_log, stderr=subprocess.STDOUT)
+    connected = False
+    ray_processes: list[psutil.Process] = []
     try:
-        start_applications(config, temp_dir=str(directory / "ray"))
-        results["serve_running_s"] = time.monotonic() - started
         ends_at = time.monotonic() + READY_TIMEOUT_S
-        while http("GET", f"{ray_url}/v2/health/ready", timeout_s=5)[0] != 200:
-            if time.monotonic() > ends_at:
-                raise RuntimeError("Ray Serve's /v2/health/ready never said ready")
+        while ready_status(f"{ray_url}/v2/health/ready") != 200:
+            if time.monotonic() > ends_at or deploy.poll() is not None:
+                raise RuntimeError(f"chaoqing ray deploy was not ready (exit code {deploy.poll()}), "
+                                   f"see {directory / 'deploy.log'}")
             time.sleep(0.2)
         results["first_ready_s"] = time.monotonic() - started
-        results["rss_after_start_mb"] = ray_rss_bytes() / 2**20
+        ray_processes = process_tree(deploy.pid)
+        results["ray_processes"] = len(ray_processes)
+        results["rss_after_start_mb"] = tree_rss_bytes(deploy.pid) / 2**20
+        # this process joins the cluster too, to find and kill a replica's actor
+        ray.init(address="auto", _node_ip_address="127.0.0.1", logging_level="warning")
+        connected = True
 
         # the v2 routes through Ray's proxy
         status, body, _ = http("GET", f"{ray_url}/v2/models/{COMPACT_X4}")
@@ -302,7 +327,8 @@ def main(directory: Path) -> dict[str, Any]:
         }
         after_codes = [enhance(gateway_url, photo, "fast", faces=False)[0] for _ in range(6)]
         results["after_restart_codes"] = after_codes
-        results["rss_end_mb"] = ray_rss_bytes() / 2**20
+        results["rss_end_mb"] = tree_rss_bytes(deploy.pid) / 2**20
+        ray_processes = process_tree(deploy.pid)
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -310,9 +336,20 @@ def main(directory: Path) -> dict[str, Any]:
                 gateway.wait(10)
             except subprocess.TimeoutExpired:
                 gateway.kill()
+        if connected:
+            ray.shutdown()  # this driver leaves; the cluster is the deploy command's
         stopping = time.monotonic()
-        stop_applications()
+        deploy.send_signal(signal.SIGTERM)
+        try:
+            results["deploy_exit_code"] = deploy.wait(SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            results["deploy_exit_code"] = None
         results["shutdown_s"] = time.monotonic() - stopping
+        time.sleep(1.0)
+        left = [process for process in ray_processes if _alive(process)]
+        results["processes_left"] = [" ".join(process.cmdline())[:80] for process in left if _alive(process)]
+        for process in left:  # the test fails on them; never leave them to the machine
+            process.kill()
     results["total_s"] = time.monotonic() - started
     return results
 

@@ -1,6 +1,7 @@
 """chaoqing's runners on a real local Ray Serve, with the gateway in front of Ray's HTTP proxy.
 
-The scenario (tests/ray_serve_scenario.py) runs in a network namespace of its own with only
+The scenario (tests/ray_serve_scenario.py: ``chaoqing ray deploy``, the gateway, a client that
+kills a replica) runs in a network namespace of its own with only
 loopback up (``unshare -n``): Ray, the gateway and the client all inside, so no packet Ray
 sends while it starts (cloud metadata probes, name look-ups) leaves the machine. HOME and the
 temp dirs point into the test's folder, usage stats are off and auth is set by environment,
@@ -168,6 +169,9 @@ def test_ray_serve_behind_the_gateway_gives_the_runners_images_and_survives_a_ki
     assert during["before"] > 0 and during["failed_before"] == 0
     assert during["after"] > 0 and during["failed_after"] == 0, during
     assert results["after_restart_codes"] == [200] * 6
+    # SIGTERM stops `chaoqing ray deploy` cleanly, and Ray's processes with it
+    assert results["ray_processes"] > 5
+    assert results["deploy_exit_code"] == 0 and results["processes_left"] == []
 
 
 @pytest.mark.timeout(30)
