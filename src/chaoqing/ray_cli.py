@@ -39,13 +39,18 @@ CONFIG_OPTION = click.option(
 )
 
 
+def _require_ray_serve() -> None:
+    """Raises click.ClickException naming the extra when Ray Serve is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise click.ClickException("Ray Serve is not installed: pip install 'chaoqing[ray]'")
+
+
 def _load(config_path: Path) -> RayServeConfig:
     from chaoqing.errors import ConfigError
+    from chaoqing.modelserver.ray_serve import load_ray_config
 
-    try:
-        from chaoqing.modelserver.ray_serve import load_ray_config
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise click.ClickException(f"Ray Serve is not installed ({exc}): pip install 'chaoqing[ray]'") from None
     try:
         return load_ray_config(config_path)
     except ConfigError as exc:
@@ -69,6 +74,7 @@ def deploy(config_path: Path, log_level: str) -> None:
     from chaoqing.logs import configure_logging
 
     configure_logging(log_level)
+    _require_ray_serve()
     os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
     from chaoqing.modelserver.ray_serve import run_applications, start_ray, stop_applications
 
@@ -115,6 +121,7 @@ def serve_config_command(config_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
+    _require_ray_serve()  # PyYAML comes with it
     import yaml
 
     click.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
