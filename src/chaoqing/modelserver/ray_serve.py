@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import tomllib
 import types
@@ -83,6 +84,8 @@ __all__ = [
     "start_ray",
     "stop_applications",
 ]
+
+_log = logging.getLogger("chaoqing.modelserver.ray_serve")
 
 SERVER_APPLICATION = "chaoqing"  # the /v2 application; each model's application is named after the model
 MODEL_DEPLOYMENT = "V2Model"
@@ -375,7 +378,6 @@ class V2ModelDeployment:
         self._batched = self.spec.max_batch_size > 0
         self._max_items = min(self.settings.max_batch_size, self.spec.max_batch_size) if self._batched else 1
         # a runner computes one batch at a time (Runner's contract); one that waits
-        # cooperatively (the simulators) takes as many as it declares
         # cooperatively (the simulators) takes as many as it declares, at most one per request
         # this replica holds
         workers = 1
@@ -397,6 +399,9 @@ class V2ModelDeployment:
         try:
             return await self._route(request)
         except ChaoqingError as exc:
+            return _error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - the error hook: a bug is a 500 with a traceback in the log
+            _log.exception("unexpected error on %s %s", request.method, request.url.path)
             return _error_response(exc)
 
     async def _route(self, request: Any) -> Any:
