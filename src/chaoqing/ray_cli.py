@@ -68,7 +68,7 @@ def ray() -> None:
 @ray.command("deploy")
 @CONFIG_OPTION
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Level of chaoqing's own log lines.")
 def deploy(config_path: Path, log_level: str) -> None:
     """Start Ray (or join [ray] address), run the models, serve until Ctrl-C or SIGTERM."""
     from chaoqing.logs import configure_logging
