@@ -63,6 +63,18 @@ def test_fanout_reports_each_face_count_against_the_critical_path(tmp_path: Path
     assert _is_png(plot)
 
 
+@pytest.mark.timeout(240)
+def test_fanout_measures_another_server_at_the_faces_its_detector_publishes(start_model_server_process: Any) -> None:
+    url = start_model_server_process("sim-upscale-x4", "sim-face", "sim-detector", "--model-option", "latency_ms=10",
+                                     "--model-option", "faces=2", "--max-batch-size", "1")
+    document = _bench("fanout", "--faces", "0,2", "--requests", "2", "--sequential-requests", "1",
+                      "--upscale-ms", "10", "--detect-ms", "10", "--face-ms", "10", "--width", "96", "--height", "96",
+                      "--server", f"other={url}", timeout=200)
+    rows = document["results"]
+    assert [(row["faces"], row["server"]) for row in rows] == [(0, "built-in"), (2, "built-in"), (2, "other")]
+    assert all(row["latency_ms_p50"] > 0 and row["speedup_vs_sequential"] > 0 for row in rows)
+
+
 @pytest.mark.timeout(300)
 def test_load_runs_the_gateway_process_and_gunicorn(tmp_path: Path) -> None:
     plot = tmp_path / "load.png"
@@ -89,6 +101,19 @@ def test_overhead_compares_the_clients_on_the_same_payloads() -> None:
     assert {row["client"] for row in rows} == {"chaoqing", "tritonclient", "requests", "urllib3"}
     assert len({row["payload"] for row in rows}) == 3
     assert all(row["us_per_call_p50"] > 0 and row["calls"] == 6 for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_overhead_compares_another_server_side_by_side(start_model_server_process: Any) -> None:
+    url = start_model_server_process("sim-upscale-x2", "sim-face", "--model-option", "latency_ms=0",
+                                     "--max-batch-size", "1")
+    document = _bench("overhead", "--calls", "4", "--rounds", "1", "--clients", "chaoqing,requests",
+                      "--server", f"other={url}", timeout=100)
+    rows = document["results"]
+    assert {(row["server"], row["client"]) for row in rows} == {
+        (server, client) for server in ("built-in", "other") for client in ("chaoqing", "requests")}
+    assert all(row["ratio_to_built_in"] > 0 for row in rows)
+    assert all(row["ratio_to_built_in"] == 1.0 for row in rows if row["server"] == "built-in")
 
 
 @pytest.mark.slow

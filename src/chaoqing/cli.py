@@ -27,7 +27,9 @@ def main() -> None:
     """Console-script entry point."""
     from gevent import monkey
 
-    monkey.patch_all()
+    # `chaoqing ray` drives Ray, whose threads, subprocesses and gRPC gevent's patches break
+    if sys.argv[1:2] != ["ray"]:
+        monkey.patch_all()
     cli(prog_name="chaoqing")
 
 
@@ -402,8 +404,10 @@ def _run_until_signalled(serve: Any, stop: Any, grace_s: float = 10.0) -> None:
 
 def _register_subcommand_groups() -> None:
     from chaoqing.bench import bench
+    from chaoqing.ray_cli import ray
 
     cli.add_command(bench)
+    cli.add_command(ray)
 
 
 _register_subcommand_groups()

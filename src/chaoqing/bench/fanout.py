@@ -12,6 +12,11 @@ a shared machine falls on all three alike:
   (:func:`chaoqing.bench.sequential.enhance_photo_sequentially`), stage after stage and
   face after face, the way the GFPGAN / Real-ESRGAN tools work.
 
+``--server NAME=URL`` measures another v2 server too, someone else's (a Ray Serve deployment:
+``chaoqing ray deploy``), through a gateway of its own, in the same run: at the N its
+``sim-detector`` publishes (metadata ``parameters.faces``), with ``sim-upscale-x4`` and
+``sim-face`` beside it, started with the latencies given here; rows say which server.
+
 Reported per N: p50/p95 latency; the critical path max(U, D + F) + the measured decode,
 composite and encode (the gateway's Server-Timing medians); the sequential sum U + D + N·F;
 their ratios. Targets: ratio to the critical path ≤ 1.05 and speedup over sequential ≥ 6.5
@@ -27,6 +32,8 @@ from typing import Any
 
 import click
 
+from chaoqing.bench.overhead import named_urls
+
 __all__ = ["fanout", "run_fanout"]
 
 RATIO_TARGET = 1.05
@@ -35,8 +42,11 @@ DEFAULT_FACES = "0,1,4,16"
 PRESET = "balanced"
 WARMUP_REQUESTS = 3
 
+BUILT_IN_SERVER = "built-in"
+
 COLUMNS = [
     ("faces", "faces", "d"),
+    ("server", "server", ""),
     ("p50 ms", "latency_ms_p50", ".0f"),
     ("p95 ms", "latency_ms_p95", ".0f"),
     ("in-process p50 ms", "in_process_ms_p50", ".0f"),
@@ -110,9 +120,26 @@ class _Trial:
         self.remotes.close()
 
 
+def _published_faces(url: str) -> int:
+    """How many faces the ``sim-detector`` at ``url`` reports; raises BenchError."""
+    import json
+    import urllib.request
+
+    from chaoqing.errors import BenchError
+
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/sim-detector", timeout=10) as answer:
+            return int(json.loads(answer.read())["parameters"]["faces"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"{url} has no sim-detector that says its faces: {exc}") from None
+
+
 def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, face_ms: float, requests: int,
-               sequential_requests: int, width: int, height: int, scale: float) -> list[dict[str, Any]]:
-    """Measure every N of ``face_counts``; one result row per N. Raises BenchError."""
+               sequential_requests: int, width: int, height: int, scale: float,
+               servers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Measure every N of ``face_counts`` on the built-in sim servers, and each of ``servers``
+    (name → URL) at the N its detector publishes; one result row per N and server. Raises
+    BenchError."""
     import tempfile
     from contextlib import ExitStack
 
@@ -135,6 +162,7 @@ def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, f
     photo = encode_photo(synthetic_photo(width, height))
     path = f"/v1/enhance?preset={PRESET}&scale={scale:g}"
     rows: list[dict[str, Any]] = []
+    others = {name: (url, _published_faces(url)) for name, url in (servers or {}).items()}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="chaoqing-bench-") as directory:
         # no dynamic batching: every call waits its latency on "hardware of its own", and none
         # waits the batcher's queue delay for companions
@@ -154,7 +182,23 @@ def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, f
                 per_count.callback(gateway.stop)
                 trial = _Trial(faces, photo, path, scale, gateway.url, config_path)
                 per_count.callback(trial.close)
-                rows.append(_measure(trial, requests, sequential_requests, upscale_ms, detect_ms, face_ms))
+                rows.append({**_measure(trial, requests, sequential_requests, upscale_ms, detect_ms, face_ms),
+                             "server": BUILT_IN_SERVER})
+            for name, (url, published_faces) in others.items():
+                if published_faces != faces:
+                    continue
+                with ExitStack() as per_server:
+                    models = ("sim-upscale-x4", "sim-face", "sim-detector")
+                    folder = Path(directory) / name
+                    folder.mkdir(exist_ok=True)
+                    config_path = write_gateway_config(folder, dict.fromkeys(models, url), upscaler="sim-upscale-x4",
+                                                       face_model="sim-face", detector="sim-detector")
+                    gateway = start_gateway(config_path)
+                    per_server.callback(gateway.stop)
+                    trial = _Trial(faces, photo, path, scale, gateway.url, config_path)
+                    per_server.callback(trial.close)
+                    rows.append({**_measure(trial, requests, sequential_requests, upscale_ms, detect_ms, face_ms),
+                                 "server": name, "url": url})
     return rows
 
 
@@ -255,8 +299,12 @@ def plot_fanout(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw latency against N to this PNG (needs matplotlib).")
+@click.option("--server", "servers", multiple=True, metavar="NAME=URL", callback=named_urls,
+              help="Also measure this v2 server's sim-upscale-x4, sim-face and sim-detector (same latencies), "
+                   "at the N its detector publishes, e.g. ray=http://127.0.0.1:8000.")
 def fanout(faces_text: str, upscale_ms: float, detect_ms: float, face_ms: float, requests: int,
-           sequential_requests: int, width: int, height: int, scale: float, as_json: bool, plot_path: Path | None) -> None:
+           sequential_requests: int, width: int, height: int, scale: float, as_json: bool, plot_path: Path | None,
+           servers: dict[str, str]) -> None:
     """Concurrent fan-out against the critical path and the sequential way (sim models)."""
     from chaoqing.bench.common import Report, Target, command_line, report
     from chaoqing.errors import BenchError
@@ -273,10 +321,11 @@ def fanout(faces_text: str, upscale_ms: float, detect_ms: float, face_ms: float,
         load_pyplot()  # fail before measuring, not after
     try:
         rows = run_fanout(face_counts, upscale_ms=upscale_ms, detect_ms=detect_ms, face_ms=face_ms, requests=requests,
-                          sequential_requests=sequential_requests, width=width, height=height, scale=scale)
+                          sequential_requests=sequential_requests, width=width, height=height, scale=scale,
+                          servers=servers)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
-    largest = rows[-1]
+    largest = [row for row in rows if row["server"] == BUILT_IN_SERVER][-1]
     targets = [
         Target(f"ratio_to_critical_path at N={largest['faces']}", largest["ratio_to_critical_path"], RATIO_TARGET),
         Target(f"speedup_vs_sequential at N={largest['faces']}", largest["speedup_vs_sequential"], SPEEDUP_TARGET,
@@ -284,9 +333,9 @@ def fanout(faces_text: str, upscale_ms: float, detect_ms: float, face_ms: float,
     ]
     settings = {"upscale_ms": upscale_ms, "detect_ms": detect_ms, "face_ms": face_ms, "requests": requests,
                 "sequential_requests": sequential_requests, "photo": f"{width}x{height} synthetic JPEG",
-                "scale": scale, "preset": PRESET}
+                "scale": scale, "preset": PRESET, "servers": servers}
     result = Report("fanout", command_line(), settings, rows, targets)
     if plot_path is not None:
-        plot_fanout(rows, plot_path, f"fan-out, sim U={upscale_ms:g} D={detect_ms:g} F={face_ms:g} ms, "
+        plot_fanout([row for row in rows if row["server"] == BUILT_IN_SERVER], plot_path, f"fan-out, sim U={upscale_ms:g} D={detect_ms:g} F={face_ms:g} ms, "
                                      f"{width}×{height} photo, scale {scale:g}")
     report(result, COLUMNS, as_json=as_json)

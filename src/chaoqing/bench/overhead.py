@@ -9,6 +9,11 @@ the same payloads (KServe v2 with Triton's binary tensor extension both ways):
 - ``requests``: a ``requests.Session`` POST of the same encoded message, decoded the same way;
 - ``urllib3``: an ``urllib3.HTTPConnectionPool`` POST, likewise.
 
+``--server NAME=URL`` adds a v2 server someone else started, measured in the same rounds as
+chaoqing's own (``built-in``): a Ray Serve deployment (``chaoqing ray deploy``) or any other
+that serves ``sim-upscale-x2`` and ``sim-face`` with ``latency_ms=0`` and no batching, so that
+the difference between servers is the cost of their hop. ``--clients`` narrows the clients.
+
 The clients take turns in rounds (every client, then again), so the noise of a shared
 machine falls on all of them alike. Reported: µs per call (p50, p90), and each client's
 p50 against the gateway client's. The server's own time is in every figure; the
@@ -23,7 +28,7 @@ from typing import Any
 
 import click
 
-__all__ = ["overhead", "run_overhead"]
+__all__ = ["named_urls", "overhead", "run_overhead"]
 
 CLIENTS = ("chaoqing", "tritonclient", "requests", "urllib3")
 PAYLOADS = {  # name: (model, input side); sim-upscale-x2 doubles, sim-face quadruples
@@ -34,13 +39,17 @@ PAYLOADS = {  # name: (model, input side); sim-upscale-x2 doubles, sim-face quad
 WARMUP_CALLS = 10
 CALL_DEADLINE_S = 30.0
 
+BUILT_IN_SERVER = "built-in"
+
 COLUMNS = [
     ("payload", "payload", ""),
+    ("server", "server", ""),
     ("client", "client", ""),
     ("calls", "calls", "d"),
     ("µs per call p50", "us_per_call_p50", ".0f"),
     ("µs per call p90", "us_per_call_p90", ".0f"),
     ("p50 / chaoqing p50", "ratio_to_chaoqing", ".2f"),
+    ("p50 / built-in p50", "ratio_to_built_in", ".2f"),
 ]
 
 
@@ -96,8 +105,10 @@ def _callers(url: str, model: str, image: Any) -> dict[str, Callable[[], Any]]:
             "urllib3": call_urllib3}
 
 
-def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
-    """Every client on every payload; one row per (payload, client). Raises BenchError."""
+def run_overhead(calls: int, rounds: int, servers: dict[str, str] | None = None,
+                 clients: tuple[str, ...] = CLIENTS) -> list[dict[str, Any]]:
+    """Every client on every payload and server (chaoqing's own, ``built-in``, then
+    ``servers``: name → URL); one row per (payload, server, client). Raises BenchError."""
     import numpy as np
 
     from chaoqing.bench.common import raise_open_file_limit, start_model_server, summarize
@@ -105,45 +116,69 @@ def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
 
     raise_open_file_limit()
     server = start_model_server(["sim-upscale-x2", "sim-face"], sim_latency_ms=0.0, max_batch_size=1)
+    urls = {BUILT_IN_SERVER: server.url, **(servers or {})}
     rows: list[dict[str, Any]] = []
     try:
         rng = np.random.default_rng(0)
         for payload, (model, side) in PAYLOADS.items():
             image = rng.integers(0, 256, size=(1, side, side, 3), dtype=np.uint8)
-            callers = _callers(server.url, model, image)
+            callers = {
+                (server_name, name): call
+                for server_name, url in urls.items()
+                for name, call in _callers(url, model, image).items() if name in clients
+            }
             scale = 4 if model == "sim-face" else 2
-            for name, call in callers.items():
+            for (server_name, name), call in callers.items():
                 for _ in range(WARMUP_CALLS):
                     output = call()
                 if tuple(output.shape) != (1, side * scale, side * scale, 3):
-                    raise BenchError(f"{name} got {output.shape} from {model}")
-            timings: dict[str, list[float]] = {name: [] for name in callers}
+                    raise BenchError(f"{name} got {output.shape} from {model} at {server_name}")
+            timings: dict[tuple[str, str], list[float]] = {key: [] for key in callers}
             per_round = max(1, calls // rounds)
             for _ in range(rounds):
-                for name, call in callers.items():
+                for key, call in callers.items():
                     for _ in range(per_round):
                         started = time.perf_counter()
                         call()
-                        timings[name].append((time.perf_counter() - started) * 1e6)
-            reference = summarize(timings["chaoqing"])["p50"]
-            for name in callers:
-                summary = summarize(timings[name])
-                values = np.asarray(timings[name])
-                rows.append({"payload": payload, "model": model, "input_shape": [1, side, side, 3], "client": name,
-                             "calls": len(timings[name]), "us_per_call_p50": summary["p50"],
+                        timings[key].append((time.perf_counter() - started) * 1e6)
+            for server_name, name in callers:
+                summary = summarize(timings[(server_name, name)])
+                values = np.asarray(timings[(server_name, name)])
+                reference = timings.get((server_name, "chaoqing"))
+                built_in = summarize(timings[(BUILT_IN_SERVER, name)])["p50"]
+                rows.append({"payload": payload, "model": model, "input_shape": [1, side, side, 3],
+                             "server": server_name, "url": urls[server_name], "client": name,
+                             "calls": len(values), "us_per_call_p50": summary["p50"],
                              "us_per_call_p90": float(np.percentile(values, 90)),
-                             "ratio_to_chaoqing": summary["p50"] / reference})
+                             "ratio_to_chaoqing": summary["p50"] / summarize(reference)["p50"] if reference else None,
+                             "ratio_to_built_in": summary["p50"] / built_in})
     finally:
         server.stop()
     return rows
+
+
+def named_urls(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """Click callback: ``NAME=URL`` values as a dict; raises click.BadParameter for a malformed one."""
+    named: dict[str, str] = {}
+    for value in values:
+        name, separator, url = value.partition("=")
+        if not separator or not name or not url.startswith(("http://", "https://")) or name == BUILT_IN_SERVER:
+            raise click.BadParameter(f"{value!r} is not NAME=http://HOST:PORT (NAME not {BUILT_IN_SERVER!r})")
+        named[name] = url.rstrip("/")
+    return named
 
 
 @click.command("overhead")
 @click.option("--calls", default=400, show_default=True, type=click.IntRange(1), help="Calls per client and payload.")
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1),
               help="Turns the clients take (calls are split evenly among them).")
+@click.option("--server", "servers", multiple=True, metavar="NAME=URL", callback=named_urls,
+              help="Also call this v2 server (sim-upscale-x2 and sim-face, latency_ms=0, no batching), "
+                   "e.g. ray=http://127.0.0.1:8000.")
+@click.option("--clients", "clients_text", default=",".join(CLIENTS), show_default=True,
+              help="Comma-separated clients to measure.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def overhead(calls: int, rounds: int, as_json: bool) -> None:
+def overhead(calls: int, rounds: int, servers: dict[str, str], clients_text: str, as_json: bool) -> None:
     """µs per v2 call: the gateway's client vs tritonclient, requests, urllib3 (instant sim)."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.errors import BenchError
@@ -154,10 +189,15 @@ def overhead(calls: int, rounds: int, as_json: bool) -> None:
         import urllib3  # noqa: F401
     except ImportError as exc:
         raise click.UsageError(f"overhead needs {exc.name}: pip install 'chaoqing[bench]'") from None
+    clients = tuple(name.strip() for name in clients_text.split(",") if name.strip())
+    unknown = sorted(set(clients) - set(CLIENTS))
+    if unknown or not clients:
+        raise click.UsageError(f"--clients: {', '.join(unknown) or 'none given'}; the clients are {', '.join(CLIENTS)}")
     try:
-        rows = run_overhead(calls, rounds)
+        rows = run_overhead(calls, rounds, servers, clients)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     # the issue sets no target here: the table is the comparison
-    report(Report("overhead", command_line(), {"calls": calls, "rounds": rounds, "sim_latency_ms": 0}, rows),
+    settings = {"calls": calls, "rounds": rounds, "sim_latency_ms": 0, "servers": servers, "clients": list(clients)}
+    report(Report("overhead", command_line(), settings, rows),
            COLUMNS, as_json=as_json)
