@@ -155,8 +155,8 @@ class RemoteSettings:
     attempt_timeout_s: float = 180.0
     # How tensors travel: "binary" (Triton's binary tensor data extension), "json" (plain v2
     # "data" arrays, which every v2 server takes), or "auto": binary where the server's
-    # metadata (GET /v2) lists the binary_tensor_data extension, JSON where it lists others but
-    # not that one (Seldon MLServer), binary where /v2 says nothing (docs/model-server.md).
+    # metadata (GET /v2) lists the binary_tensor_data extension or has no list, JSON where its
+    # list lacks it (Seldon MLServer lists none): docs/model-server.md
     tensor_encoding: str = "auto"
 
     def __post_init__(self) -> None:

@@ -53,10 +53,10 @@ circuit is held open without a "circuit open" line, and its first ready is logge
 Tensor encoding. Triton's binary tensor data extension is an extension: a plain v2 server
 (Seldon MLServer) takes only JSON ``data`` arrays. With ``RemoteSettings.tensor_encoding``
 "auto" (the default), each endpoint's first call reads the server metadata (``GET /v2``)
-once: binary when its ``extensions`` list ``binary_tensor_data`` or when it lists none (or
-/v2 answers 4xx: such a server predates the list, and binary is what chaoqing's servers
-and Triton take), JSON when it lists others but not that one. "binary" and "json" skip the
-question. A JSON call sends ``Content-Type: application/json`` with flat ``data`` arrays and
+once: binary when its ``extensions`` list ``binary_tensor_data``, JSON when the list lacks
+it (MLServer lists none), binary when /v2 has no such list or answers 4xx (a server that
+predates the field; binary is what chaoqing's servers and Triton take). "binary" and "json"
+skip the question. A JSON call sends ``Content-Type: application/json`` with flat ``data`` arrays and
 asks for JSON outputs; the answer is decoded the same way either way, binary or not, so a
 server that answers JSON to a binary request works too.
 
@@ -590,18 +590,19 @@ class RemoteModel:
 
     def _encoding_for(self, endpoint: Endpoint, deadline: float) -> str:
         """BINARY or JSON for ``endpoint``: the setting, or (auto) what its ``GET /v2`` lists,
-        read once (see the module notes). Raises ModelTimeout, ModelUnavailable or
-        ModelServerError (5xx) when the server cannot be asked."""
+        read once (see the module notes). A question that gets no answer (unreachable, 5xx,
+        no time left) is asked again on the next call, and this one goes binary: its own
+        failure, if the server is down, is the one to report."""
         if endpoint.tensor_encoding is not None:
             return endpoint.tensor_encoding
-        stop = min(deadline, time.monotonic() + METADATA_TIMEOUT_S)
-        try:
-            reply = self._call(endpoint, "GET", "/v2", (), None, stop, "server metadata", METADATA_TIMEOUT_S)
-        except ModelServerError as exc:
-            if not 400 <= exc.status < 500:
-                raise
-            reply = _Reply(exc.status, {}, b"")
         extensions: Any = None
+        try:
+            with Timeout(max(0.0, min(deadline - time.monotonic(), HEALTH_TIMEOUT_S))):
+                reply = endpoint.exchange("GET", "/v2")
+        except (Timeout, OSError, HTTPConnectionClosed, HTTPParseError, ValueError):
+            return BINARY
+        if reply.status >= 500:
+            return BINARY
         if reply.status == 200:
             try:
                 payload = json.loads(reply.body)
@@ -610,6 +611,8 @@ class RemoteModel:
             extensions = payload.get("extensions") if isinstance(payload, dict) else None
         if isinstance(extensions, list) and extensions and BINARY_EXTENSION not in extensions:
             endpoint.tensor_encoding = JSON
+        elif isinstance(extensions, list) and not extensions and reply.status == 200:
+            endpoint.tensor_encoding = JSON  # a server that lists no extension at all has none (MLServer)
         else:
             endpoint.tensor_encoding = BINARY
         _log.info("model %s endpoint %s: tensors go %s (server extensions: %s)", self.name, endpoint.url,
