@@ -395,6 +395,16 @@ def _error_message(reply: _Reply) -> str:
     return str(error) if error else f"HTTP {reply.status}"
 
 
+def _says_ready(body: bytes | bytearray) -> bool:
+    """Whether a 200 readiness answer means ready: the status says so, unless a JSON body says
+    ``"ready": false`` (the health extension's body, which some servers send with 200)."""
+    try:
+        payload = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return True
+    return not (isinstance(payload, dict) and payload.get("ready") is False)
+
+
 class RemoteModel:
     """A model served by one or more endpoints. Hub-thread only."""
 
@@ -680,7 +690,7 @@ class RemoteModel:
             try:
                 with Timeout(HEALTH_TIMEOUT_S):
                     reply = endpoint.exchange("GET", f"/v2/models/{self.name}/ready")
-                ready = reply.status == 200
+                ready = reply.status == 200 and _says_ready(reply.body)
             except (Timeout, OSError, HTTPConnectionClosed, HTTPParseError, ValueError):
                 ready = False
             now = time.monotonic()
