@@ -13,6 +13,13 @@ The clients take turns in rounds (every client, then again), so the noise of a s
 machine falls on all of them alike. Reported: µs per call (p50, p90), and each client's
 p50 against the gateway client's. The server's own time is in every figure; the
 differences between clients are their overheads.
+
+``--target NAME=URL`` (repeatable) compares servers instead of clients: the gateway's client
+calls the same payloads on chaoqing's model server (binary tensors, and again with JSON
+tensors) and on each target — any v2 server that serves ``sim-upscale-x2`` and ``sim-face``
+with no latency, such as Seldon MLServer with :mod:`chaoqing.interop.mlserver_model`
+(docs/scale-out.md says how) — in turns, the target's tensor encoding chosen as the gateway
+chooses it. The differences are what each server, and JSON, add to a hop.
 """
 
 from __future__ import annotations
@@ -96,8 +103,32 @@ def _callers(url: str, model: str, image: Any) -> dict[str, Callable[[], Any]]:
             "urllib3": call_urllib3}
 
 
-def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
-    """Every client on every payload; one row per (payload, client). Raises BenchError."""
+BUILT_IN_SERVER = "chaoqing model server"
+
+
+def _server_callers(urls: dict[str, str], model: str, image: Any) -> dict[str, Callable[[], Any]]:
+    """The gateway's client on each server: chaoqing's own (binary, and JSON), then the targets."""
+    from chaoqing.config import RemoteSettings
+    from chaoqing.gateway.remote import RemoteModels
+
+    built_in = urls[BUILT_IN_SERVER]
+    remotes = {
+        BUILT_IN_SERVER: RemoteModels({model: [built_in]}, RemoteSettings(tensor_encoding="binary"))[model],
+        f"{BUILT_IN_SERVER}, JSON": RemoteModels({model: [built_in]}, RemoteSettings(tensor_encoding="json"))[model],
+        **{name: RemoteModels({model: [url]}, RemoteSettings())[model]
+           for name, url in urls.items() if name != BUILT_IN_SERVER},
+    }
+
+    def caller(remote: Any) -> Callable[[], Any]:
+        return lambda: remote.infer({"image": image}, ["image"], time.monotonic() + CALL_DEADLINE_S)["image"]
+
+    return {name: caller(remote) for name, remote in remotes.items()}
+
+
+def run_overhead(calls: int, rounds: int, targets: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every client on every payload; one row per (payload, client). With ``targets`` (name →
+    URL), the gateway's client on every server instead; one row per (payload, server).
+    Raises BenchError."""
     import numpy as np
 
     from chaoqing.bench.common import raise_open_file_limit, start_model_server, summarize
@@ -110,7 +141,10 @@ def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(0)
         for payload, (model, side) in PAYLOADS.items():
             image = rng.integers(0, 256, size=(1, side, side, 3), dtype=np.uint8)
-            callers = _callers(server.url, model, image)
+            if targets:
+                callers = _server_callers({BUILT_IN_SERVER: server.url, **targets}, model, image)
+            else:
+                callers = _callers(server.url, model, image)
             scale = 4 if model == "sim-face" else 2
             for name, call in callers.items():
                 for _ in range(WARMUP_CALLS):
@@ -125,7 +159,7 @@ def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
                         started = time.perf_counter()
                         call()
                         timings[name].append((time.perf_counter() - started) * 1e6)
-            reference = summarize(timings["chaoqing"])["p50"]
+            reference = summarize(next(iter(timings.values())))["p50"]
             for name in callers:
                 summary = summarize(timings[name])
                 values = np.asarray(timings[name])
@@ -142,9 +176,13 @@ def run_overhead(calls: int, rounds: int) -> list[dict[str, Any]]:
 @click.option("--calls", default=400, show_default=True, type=click.IntRange(1), help="Calls per client and payload.")
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1),
               help="Turns the clients take (calls are split evenly among them).")
+@click.option("--target", "targets", multiple=True, metavar="NAME=URL",
+              help="Compare servers instead: the gateway's client on chaoqing's model server and on this v2 "
+                   "server, which must serve sim-upscale-x2 and sim-face with no latency (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def overhead(calls: int, rounds: int, as_json: bool) -> None:
-    """µs per v2 call: the gateway's client vs tritonclient, requests, urllib3 (instant sim)."""
+def overhead(calls: int, rounds: int, targets: tuple[str, ...], as_json: bool) -> None:
+    """µs per v2 call: the gateway's client vs tritonclient, requests, urllib3 (instant sim);
+    or, with --target, chaoqing's model server vs other v2 servers."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.errors import BenchError
 
@@ -154,10 +192,17 @@ def overhead(calls: int, rounds: int, as_json: bool) -> None:
         import urllib3  # noqa: F401
     except ImportError as exc:
         raise click.UsageError(f"overhead needs {exc.name}: pip install 'chaoqing[bench]'") from None
+    named: dict[str, str] = {}
+    for target in targets:
+        name, separator, url = target.partition("=")
+        if not separator or not name or not url.startswith("http://"):
+            raise click.BadParameter(f"{target!r} is not NAME=http://HOST:PORT", param_hint="--target")
+        named[name] = url.rstrip("/")
     try:
-        rows = run_overhead(calls, rounds)
+        rows = run_overhead(calls, rounds, named)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     # the issue sets no target here: the table is the comparison
-    report(Report("overhead", command_line(), {"calls": calls, "rounds": rounds, "sim_latency_ms": 0}, rows),
+    report(Report("overhead", command_line(), {"calls": calls, "rounds": rounds, "sim_latency_ms": 0,
+                                               "targets": named}, rows),
            COLUMNS, as_json=as_json)

@@ -16,8 +16,8 @@ of settings files; the gateway then calls it like any v2 endpoint (docs/scale-ou
 :func:`write_repository` writes such a folder. The model's MLServer name is the chaoqing
 model it serves (``parameters.extra.model`` may name another); ``extra`` takes the
 :class:`~chaoqing.modelserver.runners.RunnerSettings` fields ``threads``, ``runtime``,
-``device``, ``tile_size``, ``max_batch_size``, ``detector_upsample`` and
-``detector_threshold``.
+``device``, ``tile_size``, ``max_batch_size``, ``detector_upsample``, ``detector_threshold``
+and, for the ``sim-*`` simulators, ``model_options``.
 
 What MLServer gives and what it does not (the gateway copes with both: docs/model-server.md,
 "What the gateway needs from a v2 server"):
@@ -70,6 +70,7 @@ _log = logging.getLogger("chaoqing.interop.mlserver")
 IMPLEMENTATION = f"{__name__}.ChaoqingModel"  # model-settings.json's "implementation"
 RUNNER_SETTING_NAMES = (
     "threads", "runtime", "device", "tile_size", "max_batch_size", "detector_upsample", "detector_threshold",
+    "model_options",  # the simulators' own: {"latency_ms": "0"} (tests, `chaoqing bench overhead --target`)
 )
 MODEL_SETTING = "model"  # extra.model: the chaoqing model, when the MLServer name differs
 MAX_INPUT_PIXELS = 16_777_216  # per call, as chaoqing's model server (ModelServerOptions.max_input_pixels)
