@@ -95,7 +95,8 @@ class ChaoqingModel(MLModel):  # type: ignore[misc]
     async def load(self) -> bool:
         """Build the runner named by the settings (on a thread: a model loads for seconds).
 
-        Raises RunnerError when it cannot be built; MLServer then reports the model not ready.
+        Raises RunnerError when it cannot be built (MLServer 1.7 then stops at start-up: "Some
+        of the models failed to load during startup!", with this error's traceback).
         """
         parameters = self.settings.parameters
         extra = dict((parameters.extra if parameters is not None else None) or {})
