@@ -56,8 +56,8 @@ Tensor encoding. Triton's binary tensor data extension is an extension: a plain 
 once: binary when its ``extensions`` list ``binary_tensor_data``, JSON when the list lacks
 it (MLServer lists none), binary when /v2 has no such list or answers 4xx (a server that
 predates the field; binary is what chaoqing's servers and Triton take). "binary" and "json"
-skip the question. A JSON call sends ``Content-Type: application/json`` with flat ``data`` arrays and
-asks for JSON outputs; the answer is decoded the same way either way, binary or not, so a
+skip the question. A JSON call sends ``Content-Type: application/json`` with flat ``data``
+arrays and asks for JSON outputs; the answer is decoded the same way either way, binary or not, so a
 server that answers JSON to a binary request works too.
 
 Errors (all :class:`chaoqing.errors.ModelServerError`): ModelUnavailable (refused,
@@ -619,12 +619,9 @@ class RemoteModel:
             except (ValueError, RecursionError):
                 payload = None
             extensions = payload.get("extensions") if isinstance(payload, dict) else None
-        if isinstance(extensions, list) and extensions and BINARY_EXTENSION not in extensions:
-            endpoint.tensor_encoding = JSON
-        elif isinstance(extensions, list) and not extensions and reply.status == 200:
-            endpoint.tensor_encoding = JSON  # a server that lists no extension at all has none (MLServer)
-        else:
-            endpoint.tensor_encoding = BINARY
+        # a list without the extension (MLServer's is empty) means JSON; no list, or a 4xx, binary
+        listed = isinstance(extensions, list)
+        endpoint.tensor_encoding = JSON if listed and BINARY_EXTENSION not in extensions else BINARY
         _log.info("model %s endpoint %s: tensors go %s (server extensions: %s)", self.name, endpoint.url,
                   endpoint.tensor_encoding, extensions)
         return endpoint.tensor_encoding
