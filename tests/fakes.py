@@ -64,6 +64,9 @@ class FakeV2Server:
         path = environ["PATH_INFO"]
         if path.endswith("/ready") or path.startswith("/v2/health"):
             return self._json(start_response, "200 OK", {"ready": True})
+        if path == "/v2":  # server metadata: the gateway reads which tensor encoding it takes
+            return self._json(start_response, "200 OK", {"name": "fake", "version": "1",
+                                                         "extensions": ["binary_tensor_data"]})
         if path == f"/v2/models/{self.model}":
             return self._json(start_response, "200 OK", {
                 "name": self.model, "platform": "fake", "versions": ["1"],

@@ -94,6 +94,26 @@ def test_load_runs_the_gateway_process_and_gunicorn(tmp_path: Path) -> None:
     assert _is_png(plot)
 
 
+@pytest.mark.timeout(200)
+def test_load_runs_serve_with_workers(tmp_path: Path) -> None:
+    document = _bench("load", "--targets", "workers", "--workers", "2", "--clients", "4", "--sweep", "0.8",
+                      "--duration", "1", "--saturation-duration", "1", "--saturation-clients", "4",
+                      "--single-duration", "0.5", *TINY_SIMS, "--width", "64", "--height", "64", timeout=180)
+    rows = document["results"]
+    assert {(row["target"], row["phase"]) for row in rows} == {("workers", "single"), ("workers", "saturation"),
+                                                               ("workers", "level")}
+    assert all(row["requests"] > 0 and row["errors"] == 0 for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_overhead_compares_servers_with_a_target(start_model_server_process: Any) -> None:
+    other = start_model_server_process("sim-upscale-x2", "sim-face", "--model-option", "latency_ms=0")
+    document = _bench("overhead", "--calls", "4", "--rounds", "2", "--target", f"other={other}", timeout=100)
+    rows = document["results"]
+    assert {row["client"] for row in rows} == {"chaoqing model server", "chaoqing model server, JSON", "other"}
+    assert all(row["us_per_call_p50"] > 0 and row["calls"] == 4 for row in rows)
+
+
 @pytest.mark.timeout(120)
 def test_overhead_compares_the_clients_on_the_same_payloads() -> None:
     document = _bench("overhead", "--calls", "6", "--rounds", "2", timeout=100)

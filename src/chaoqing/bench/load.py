@@ -122,6 +122,28 @@ def _start_gunicorn(config_path: Path, workers: int) -> Any:
     return child
 
 
+def _start_workers(config_path: Path, workers: int) -> Any:
+    """``chaoqing serve --workers N`` on a free port (the config names every model's endpoint,
+    so it starts no model server), ready."""
+    from gevent import subprocess
+
+    from chaoqing.bench.common import ChildProcess, die_with_parent, free_port, wait_until_ready
+    from chaoqing.errors import BenchError
+
+    port = free_port()
+    command = [sys.executable, "-m", "chaoqing", "serve", "--workers", str(workers), "--port", str(port),
+               "--config", str(config_path), "--log-level", "warning"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    child = ChildProcess("serve --workers", process, f"http://127.0.0.1:{port}")
+    try:
+        wait_until_ready(child.url + "/readyz", process=process)
+    except BenchError:
+        child.stop()
+        raise
+    return child
+
+
 def _metrics_value(text: str, name: str) -> float:
     """The first sample named ``name`` (labels ignored) in a Prometheus exposition; NaN if none."""
     for line in text.splitlines():
@@ -270,6 +292,8 @@ def run_load_bench(*, targets: list[str], client_levels: list[int], sweep: list[
             def start_server(kind: str = kind) -> _Server:
                 if kind == "gateway":
                     return _Server(start_gateway(config_path, blocking_threshold_s=blocking_threshold_s), kind)
+                if kind == "workers":
+                    return _Server(_start_workers(config_path, workers), kind)
                 return _Server(_start_gunicorn(config_path, workers), kind)
 
             def measure(phase: str, clients: int, rate: float, seconds: float, kind: str = kind,
@@ -356,8 +380,10 @@ def _floats(text: str, name: str) -> list[float]:
               help="Closed-loop clients that saturate the gateway.")
 @click.option("--single-duration", "single_duration_s", default=6.0, show_default=True, type=click.FloatRange(0.5))
 @click.option("--targets", "targets_text", default="gateway,gunicorn", show_default=True,
-              help="gateway (one process), gunicorn (gevent workers), or both.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="gunicorn workers.")
+              help="gateway (one process), gunicorn (gevent workers), workers (chaoqing serve --workers), "
+                   "comma-separated.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes of gunicorn and of serve --workers.")
 @click.option("--width", default=256, show_default=True, type=click.IntRange(16))
 @click.option("--height", default=256, show_default=True, type=click.IntRange(16))
 @click.option("--scale", default=4.0, show_default=True, type=click.FloatRange(1, 4))
@@ -381,9 +407,9 @@ def load(clients_text: str, offered_fraction: float, sweep_text: str, duration_s
     client_levels = sorted({int(value) for value in _floats(clients_text, "--clients")})
     sweep = sorted(set(_floats(sweep_text, "--sweep")))
     targets = [item.strip() for item in targets_text.split(",") if item.strip()]
-    if not targets or set(targets) - {"gateway", "gunicorn"}:
-        raise click.BadParameter("use gateway, gunicorn or both", param_hint="--targets")
-    targets.sort(key=["gateway", "gunicorn"].index)  # the gateway's saturation rate sets the levels
+    if not targets or set(targets) - {"gateway", "gunicorn", "workers"}:
+        raise click.BadParameter("use gateway, gunicorn, workers, comma-separated", param_hint="--targets")
+    targets.sort(key=["gateway", "gunicorn", "workers"].index)  # the gateway's saturation rate sets the levels
     if plot_path is not None:
         from chaoqing.bench.common import load_pyplot
 

@@ -105,10 +105,35 @@ def _callers(url: str, model: str, image: Any) -> dict[str, Callable[[], Any]]:
             "urllib3": call_urllib3}
 
 
+TARGETS_BUILT_IN = "chaoqing model server"  # --target rows: the gateway's own client on each server
+
+
+def _server_callers(urls: dict[str, str], model: str, image: Any) -> dict[str, Callable[[], Any]]:
+    """The gateway's client on each server: chaoqing's own (binary, and JSON), then the targets."""
+    from chaoqing.config import RemoteSettings
+    from chaoqing.gateway.remote import RemoteModels
+
+    built_in = urls[TARGETS_BUILT_IN]
+    remotes = {
+        TARGETS_BUILT_IN: RemoteModels({model: [built_in]}, RemoteSettings(tensor_encoding="binary"))[model],
+        f"{TARGETS_BUILT_IN}, JSON": RemoteModels({model: [built_in]}, RemoteSettings(tensor_encoding="json"))[model],
+        **{name: RemoteModels({model: [url]}, RemoteSettings())[model]
+           for name, url in urls.items() if name != TARGETS_BUILT_IN},
+    }
+
+    def caller(remote: Any) -> Callable[[], Any]:
+        return lambda: remote.infer({"image": image}, ["image"], time.monotonic() + CALL_DEADLINE_S)["image"]
+
+    return {name: caller(remote) for name, remote in remotes.items()}
+
+
 def run_overhead(calls: int, rounds: int, servers: dict[str, str] | None = None,
-                 clients: tuple[str, ...] = CLIENTS) -> list[dict[str, Any]]:
+                 clients: tuple[str, ...] = CLIENTS, targets: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every client on every payload and server (chaoqing's own, ``built-in``, then
-    ``servers``: name → URL); one row per (payload, server, client). Raises BenchError."""
+    ``servers``: name → URL); one row per (payload, server, client). With ``targets`` (name →
+    URL), the gateway's own client instead, on chaoqing's server with binary and with JSON
+    tensors and on each target with the encoding it offers (``tensor_encoding = "auto"``); one
+    row per (payload, server), named as its client. Raises BenchError."""
     import numpy as np
 
     from chaoqing.bench.common import raise_open_file_limit, start_model_server, summarize
@@ -122,11 +147,15 @@ def run_overhead(calls: int, rounds: int, servers: dict[str, str] | None = None,
         rng = np.random.default_rng(0)
         for payload, (model, side) in PAYLOADS.items():
             image = rng.integers(0, 256, size=(1, side, side, 3), dtype=np.uint8)
-            callers = {
-                (server_name, name): call
-                for server_name, url in urls.items()
-                for name, call in _callers(url, model, image).items() if name in clients
-            }
+            if targets:
+                compared = _server_callers({TARGETS_BUILT_IN: server.url, **targets}, model, image)
+                callers = {(name, name): call for name, call in compared.items()}
+            else:
+                callers = {
+                    (server_name, name): call
+                    for server_name, url in urls.items()
+                    for name, call in _callers(url, model, image).items() if name in clients
+                }
             scale = 4 if model == "sim-face" else 2
             for (server_name, name), call in callers.items():
                 for _ in range(WARMUP_CALLS):
@@ -145,9 +174,11 @@ def run_overhead(calls: int, rounds: int, servers: dict[str, str] | None = None,
                 summary = summarize(timings[(server_name, name)])
                 values = np.asarray(timings[(server_name, name)])
                 reference = timings.get((server_name, "chaoqing"))
-                built_in = summarize(timings[(BUILT_IN_SERVER, name)])["p50"]
+                built_in_key = (TARGETS_BUILT_IN, TARGETS_BUILT_IN) if targets else (BUILT_IN_SERVER, name)
+                built_in = summarize(timings[built_in_key])["p50"]
                 rows.append({"payload": payload, "model": model, "input_shape": [1, side, side, 3],
-                             "server": server_name, "url": urls[server_name], "client": name,
+                             "server": server_name, "client": name,
+                             "url": (targets or {}).get(server_name, server.url) if targets else urls[server_name],
                              "calls": len(values), "us_per_call_p50": summary["p50"],
                              "us_per_call_p90": float(np.percentile(values, 90)),
                              "ratio_to_chaoqing": summary["p50"] / summarize(reference)["p50"] if reference else None,
@@ -177,9 +208,15 @@ def named_urls(context: click.Context, parameter: click.Parameter, values: tuple
                    "e.g. ray=http://127.0.0.1:8000.")
 @click.option("--clients", "clients_text", default=",".join(CLIENTS), show_default=True,
               help="Comma-separated clients to measure.")
+@click.option("--target", "targets", multiple=True, metavar="NAME=URL", callback=named_urls,
+              help="Compare servers instead: the gateway's client on chaoqing's model server (binary and JSON "
+                   "tensors) and on this v2 server with the encoding it offers, e.g. one without the binary "
+                   "extension such as MLServer; it must serve sim-upscale-x2 and sim-face with no latency.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def overhead(calls: int, rounds: int, servers: dict[str, str], clients_text: str, as_json: bool) -> None:
-    """µs per v2 call: the gateway's client vs tritonclient, requests, urllib3 (instant sim)."""
+def overhead(calls: int, rounds: int, servers: dict[str, str], clients_text: str, targets: dict[str, str],
+             as_json: bool) -> None:
+    """µs per v2 call: the gateway's client vs tritonclient, requests, urllib3 (instant sim);
+    with --target, chaoqing's model server vs other v2 servers."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.errors import BenchError
 
@@ -194,10 +231,14 @@ def overhead(calls: int, rounds: int, servers: dict[str, str], clients_text: str
     if unknown or not clients:
         raise click.UsageError(f"--clients: {', '.join(unknown) or 'none given'}; the clients are {', '.join(CLIENTS)}")
     try:
-        rows = run_overhead(calls, rounds, servers, clients)
+        if targets and servers:
+            raise click.UsageError("--target compares servers with the gateway's client; --server compares "
+                                   "clients on each server: give one or the other")
+        rows = run_overhead(calls, rounds, servers, clients, targets)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     # the issue sets no target here: the table is the comparison
-    settings = {"calls": calls, "rounds": rounds, "sim_latency_ms": 0, "servers": servers, "clients": list(clients)}
+    settings = {"calls": calls, "rounds": rounds, "sim_latency_ms": 0, "servers": servers, "clients": list(clients),
+                "targets": targets}
     report(Report("overhead", command_line(), settings, rows),
            COLUMNS, as_json=as_json)

@@ -9,6 +9,7 @@ state per endpoint, hub blocking events reported by gevent's monitor thread, and
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -30,6 +31,10 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        # which process answered: `serve --workers N` and gunicorn workers share one port, and a
+        # scrape reaches one of them (each counts only its own requests)
+        Gauge("chaoqing_gateway_process", "This gateway process (always 1), by pid", ["pid"],
+              registry=registry).labels(str(os.getpid())).set(1)
         self.requests = Counter(
             "chaoqing_requests", "HTTP requests by route, status and preset", ["route", "status", "preset"], registry=registry
         )

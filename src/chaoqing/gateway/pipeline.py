@@ -664,8 +664,8 @@ def _restore_face(
     if eye_distance < request.config.min_eye_distance_px:
         return None
     metadata = face_model.metadata(deadline)
-    image_input = metadata.input("image")
-    fixed = image_input.shape[1] if len(image_input.shape) == 4 and image_input.shape[1] > 0 else None
+    image_input = metadata.find_input("image")  # a plain v2 server may list no tensors: any size then
+    fixed = image_input.shape[1] if image_input and len(image_input.shape) == 4 and image_input.shape[1] > 0 else None
     crop_size = choose_crop_size(side, request.background_scale, metadata.scale, fixed, request.config.face_input_size)
     crop = offload(align_face, request.rgb8, face, template, crop_size)
     output = face_model.infer({"image": crop.crop[None]}, ["image"], deadline, request_id=request.options.request_id)

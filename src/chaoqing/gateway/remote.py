@@ -50,6 +50,16 @@ Start-up. A replica a health check has never seen ready is starting, not failing
 circuit is held open without a "circuit open" line, and its first ready is logged as
 "ready". Failures after that are logged as circuits opening and closing.
 
+Tensor encoding. Triton's binary tensor data extension is an extension: a plain v2 server
+(Seldon MLServer) takes only JSON ``data`` arrays. With ``RemoteSettings.tensor_encoding``
+"auto" (the default), each endpoint's first call reads the server metadata (``GET /v2``)
+once: binary when its ``extensions`` list ``binary_tensor_data``, JSON when the list lacks
+it (MLServer lists none), binary when /v2 has no such list or answers 4xx (a server that
+predates the field; binary is what chaoqing's servers and Triton take). "binary" and "json"
+skip the question. A JSON call sends ``Content-Type: application/json`` with flat ``data``
+arrays and asks for JSON outputs; the answer is decoded the same way either way, binary or not, so a
+server that answers JSON to a binary request works too.
+
 Errors (all :class:`chaoqing.errors.ModelServerError`): ModelUnavailable (refused,
 unreachable, 503, circuit open), ModelTimeout (deadline passed), BadModelResponse
 (malformed or missing tensors), ModelServerError itself for other answers, carrying the
@@ -103,6 +113,9 @@ HEALTH_TIMEOUT_S = 2.0
 # a fetch without a deadline may retry once within twice this
 METADATA_TIMEOUT_S = 10.0
 ATTEMPT_TIMEOUT_PARAMETER = "attempt_timeout_s"  # in a model's metadata parameters, seconds
+# the extension name a v2 server lists in its metadata's "extensions" (Triton's protocol docs)
+BINARY_EXTENSION = "binary_tensor_data"
+BINARY, JSON = "binary", "json"  # RemoteSettings.tensor_encoding, once "auto" is resolved
 HEALTH_CHECK = "health check"  # the reason given for circuit changes a health check makes
 CIRCUIT_CLOSED, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN = "closed", "open", "half_open"
 
@@ -166,10 +179,19 @@ class ModelMetadata:
         return float(raw)
 
     def input(self, name: str) -> TensorMetadata:
+        """The input ``name``; raises BadModelResponse when the metadata lists no such input."""
+        found = self.find_input(name)
+        if found is None:
+            raise BadModelResponse(f"model {self.name} has no input {name!r}", model=self.name)
+        return found
+
+    def find_input(self, name: str) -> TensorMetadata | None:
+        """The input ``name``, or None when the metadata does not list it (a v2 server may
+        publish no tensors at all: MLServer does for a model whose settings declare none)."""
         for tensor in self.inputs:
             if tensor.name == name:
                 return tensor
-        raise BadModelResponse(f"model {self.name} has no input {name!r}", model=self.name)
+        return None
 
     @classmethod
     def from_json(cls, payload: Any, model: str) -> ModelMetadata:
@@ -178,7 +200,7 @@ class ModelMetadata:
             def tensors(key: str) -> tuple[TensorMetadata, ...]:
                 return tuple(
                     TensorMetadata(str(item["name"]), str(item["datatype"]), tuple(int(dim) for dim in item["shape"]))
-                    for item in payload[key]
+                    for item in payload.get(key) or ()  # MLServer leaves undeclared tensors out
                 )
 
             parameters = payload.get("parameters") or {}
@@ -267,6 +289,8 @@ class Endpoint:
         self.readmit_when_ready = False
         # whether a health check has ever seen it ready: until then it is starting, not failing
         self.seen_ready = False
+        # BINARY or JSON; None until "auto" has read the server's metadata (RemoteModel._encoding_for)
+        self.tensor_encoding: str | None = None if settings.tensor_encoding == "auto" else settings.tensor_encoding
 
     def __repr__(self) -> str:
         return f"Endpoint({self.url!r}, circuit={self.circuit}, outstanding={self.outstanding})"
@@ -365,10 +389,20 @@ def _error_message(reply: _Reply) -> str:
         payload = json.loads(reply.body)
     except (ValueError, RecursionError):
         return reply.body[:200].decode("utf-8", "replace") or f"HTTP {reply.status}"
-    error = payload.get("error") if isinstance(payload, dict) else None
+    error = payload.get("error") or payload.get("detail") if isinstance(payload, dict) else None  # detail: FastAPI's
     if isinstance(error, dict):
         error = error.get("message", error)
     return str(error) if error else f"HTTP {reply.status}"
+
+
+def _says_ready(body: bytes | bytearray) -> bool:
+    """Whether a 200 readiness answer means ready: the status says so, unless a JSON body says
+    ``"ready": false`` (the health extension's body, which some servers send with 200)."""
+    try:
+        payload = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return True
+    return not (isinstance(payload, dict) and payload.get("ready") is False)
 
 
 class RemoteModel:
@@ -564,6 +598,34 @@ class RemoteModel:
             self._metadata = self._with_retry(fetch, stop, METADATA_TIMEOUT_S)
         return self._metadata
 
+    def _encoding_for(self, endpoint: Endpoint, deadline: float) -> str:
+        """BINARY or JSON for ``endpoint``: the setting, or (auto) what its ``GET /v2`` lists,
+        read once (see the module notes). A question that gets no answer (unreachable, 5xx,
+        no time left) is asked again on the next call, and this one goes binary: its own
+        failure, if the server is down, is the one to report."""
+        if endpoint.tensor_encoding is not None:
+            return endpoint.tensor_encoding
+        extensions: Any = None
+        try:
+            with Timeout(max(0.0, min(deadline - time.monotonic(), HEALTH_TIMEOUT_S))):
+                reply = endpoint.exchange("GET", "/v2")
+        except (Timeout, OSError, HTTPConnectionClosed, HTTPParseError, ValueError):
+            return BINARY
+        if reply.status >= 500:
+            return BINARY
+        if reply.status == 200:
+            try:
+                payload = json.loads(reply.body)
+            except (ValueError, RecursionError):
+                payload = None
+            extensions = payload.get("extensions") if isinstance(payload, dict) else None
+        # a list without the extension (MLServer's is empty) means JSON; no list, or a 4xx, binary
+        listed = isinstance(extensions, list)
+        endpoint.tensor_encoding = JSON if listed and BINARY_EXTENSION not in extensions else BINARY
+        _log.info("model %s endpoint %s: tensors go %s (server extensions: %s)", self.name, endpoint.url,
+                  endpoint.tensor_encoding, extensions)
+        return endpoint.tensor_encoding
+
     def infer(
         self,
         inputs: Mapping[str, np.ndarray],
@@ -581,9 +643,11 @@ class RemoteModel:
         attempt_timeout_s = self.attempt_timeout_s
 
         def attempt(endpoint: Endpoint) -> dict[str, np.ndarray]:
+            binary = self._encoding_for(endpoint, deadline) == BINARY
             limit_us = max(1, int(min(deadline - time.monotonic(), attempt_timeout_s) * 1e6))
             message = v2.encode_infer_request(
-                inputs, outputs, request_id=request_id, parameters={"timeout": limit_us}
+                inputs, outputs, binary_inputs=binary, binary_outputs=binary, request_id=request_id,
+                parameters={"timeout": limit_us},
             )
             headers = {key: value for key, value in message.http_headers().items() if key != "Content-Length"}
             reply = self._call(
@@ -623,7 +687,7 @@ class RemoteModel:
             try:
                 with Timeout(HEALTH_TIMEOUT_S):
                     reply = endpoint.exchange("GET", f"/v2/models/{self.name}/ready")
-                ready = reply.status == 200
+                ready = reply.status == 200 and _says_ready(reply.body)
             except (Timeout, OSError, HTTPConnectionClosed, HTTPParseError, ValueError):
                 ready = False
             now = time.monotonic()

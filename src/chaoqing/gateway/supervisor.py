@@ -50,7 +50,7 @@ from gevent import subprocess
 from chaoqing.config import ModelServerSettings, UserModel, user_models_toml
 from chaoqing.errors import SupervisorError
 
-__all__ = ["ModelServerSupervisor"]
+__all__ = ["ModelServerSupervisor", "die_with_parent"]
 
 _log = logging.getLogger("chaoqing.gateway.supervisor")
 
@@ -67,7 +67,8 @@ USER_MODELS_FILE = "models.toml"  # the user models' tables, for the children's 
 
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """In a child between fork and exec: SIGTERM when the parent dies (Linux)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -153,7 +154,7 @@ class ModelServerSupervisor:
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
             self._command(child), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=environment,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             # a session of its own: Ctrl-C in a terminal reaches the gateway only, which drains
             # its requests before it stops the children
             start_new_session=True,

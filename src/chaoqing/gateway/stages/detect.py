@@ -100,6 +100,8 @@ def faces_from_detections(
     """
     boxes, scores, landmarks = (np.asarray(outputs[name], dtype=np.float64) for name in DETECTOR_OUTPUTS)
     count = boxes.shape[0] if boxes.ndim == 2 else -1
+    if scores.shape == (count, 1):  # [N, 1]: a server that takes the first dimension for a batch (MLServer's codec)
+        scores = scores.reshape(count)
     if (
         boxes.shape != (count, 4)
         or scores.shape != (count,)
