@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 LANCZOS = "lanczos"
+UNMATCHED_SUFFIX = ", unmatched"  # --compare-matching rows: the face model's own pixels
 IDENTITY_TARGET = 0.30
 CONSISTENCY_TARGET_DB = 28.0
 BOUNDARY_TARGET = (0.8, 1.25)
@@ -274,16 +275,23 @@ def _measure(output: npt.NDArray[np.uint8], rgb: npt.NDArray[np.uint8], face: _F
 
 
 def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Sequence[str], scale: float,
-              threads: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+              threads: int, progress: Callable[[str], None], compare_matching: bool = False) -> list[dict[str, Any]]:
     """One row per face and per model (``lanczos`` first). Raises BenchError, RunnerError."""
     import numpy as np
 
     from chaoqing.bench.models import _load_rgb
     from chaoqing.errors import BenchError
+    from chaoqing.gateway.pipeline import EnhanceOptions, face_match_settings
     from chaoqing.gateway.stages.composite import composite_face_pastes
+    from chaoqing.gateway.stages.face_match import FaceMatchSettings, match_paste_to_background
 
     if not photos:
         raise BenchError("no photos given")
+    # the preset's matching (strength, colour, texture), as the service pastes; with
+    # compare_matching also the face model's own pixels, unmatched
+    variants = [("", face_match_settings(EnhanceOptions(), config.presets[preset]))]
+    if compare_matching:
+        variants.append((UNMATCHED_SUFFIX, FaceMatchSettings(strength=1.0, colour=False, texture=False)))
     pipeline = _Pipeline(config, preset, face_models, threads)
     rows: list[dict[str, Any]] = []
     try:
@@ -312,8 +320,12 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
                     started = time.perf_counter()
                     pastes.append(pipeline.paste(model_name, rgb, face, background_scale, (out_height, out_width, 3)))
                     seconds.append(time.perf_counter() - started)
-                canvas = composite_face_pastes(background, [paste for paste in pastes if paste is not None])
-                outputs[model_name] = (canvas, pastes, seconds)
+                for label, settings in variants:
+                    matched = [None if paste is None else
+                               match_paste_to_background(paste, background, settings, background_scale)[0]
+                               for paste in pastes]
+                    canvas = composite_face_pastes(background, [paste for paste in matched if paste is not None])
+                    outputs[model_name + label] = (canvas, matched, seconds)
             first_pastes = outputs[face_models[0]][1] if face_models else [None] * len(faces)
             outputs = {LANCZOS: (lanczos, first_pastes, [math.nan] * len(faces)), **outputs}
             baseline_ratios: dict[int, float] = {}
@@ -376,9 +388,12 @@ def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 @click.option("--scale", default=None, type=click.FloatRange(1.0, 4.0), help="output scale [config's, 2]")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="threads per runner (0: every CPU)")
+@click.option("--compare-matching", is_flag=True,
+              help="also each face model's own pixels, without the preset's strength, colour and texture matching "
+                   "(rows 'MODEL, unmatched')")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the table")
 def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None, face_models: str | None,
-          scale: float | None, threads: int, as_json: bool) -> None:
+          scale: float | None, threads: int, compare_matching: bool, as_json: bool) -> None:
     """Per face and face model: identity, consistency, colour shift and boundary texture."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.bench.models import _photos
@@ -396,7 +411,7 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
     files = [file for path in photos for file in _photos(path)]
     output_scale = scale if scale is not None else config.scale
     rows = run_faces(files, config, preset_name, models, output_scale, threads,
-                     lambda text: None if as_json else click.echo(f"… {text}", err=True))
+                     lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching)
     result = Report("faces", command_line(),
                     {"preset": preset_name, "upscaler": config.presets[preset_name].upscaler, "face_models": models,
                      "detector": config.detector, "scale": output_scale, "face_input_size": config.face_input_size,

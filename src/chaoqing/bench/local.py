@@ -193,10 +193,12 @@ class _Script:
 
     def enhance(self, data: bytes, scale: float) -> tuple[bytes, dict[str, float], list[int]]:
         """The whole photo at ``scale``, in sequence: (encoded output, seconds per stage, crop sides)."""
+        from chaoqing.gateway.pipeline import EnhanceOptions, face_match_settings
         from chaoqing.gateway.stages.composite import composite_face_pastes, prepare_face_paste
         from chaoqing.gateway.stages.decode import decode_image, to_8_bit
         from chaoqing.gateway.stages.encode import choose_output_format, encode_image
         from chaoqing.gateway.stages.enhance_faces import enhanced_face_from
+        from chaoqing.gateway.stages.face_match import match_paste_to_background
         from chaoqing.gateway.stages.resize import resize_image
 
         stages: dict[str, float] = {}
@@ -220,6 +222,8 @@ class _Script:
                     pastes.append(prepare_face_paste(enhanced, (height, width, 3)))
                     crop_sides.append(int(crop.crop.shape[0]))
         with clock("composite"):
+            settings = face_match_settings(EnhanceOptions(), self.preset)  # the preset's, as the service's
+            pastes = [match_paste_to_background(paste, background, settings, background_scale)[0] for paste in pastes]
             canvas: Any = composite_face_pastes(background, pastes) if pastes else background
         with clock("encode"):
             output_format = choose_output_format(None, decoded)
