@@ -16,6 +16,7 @@ from chaoqing.bench.local import local
 from chaoqing.bench.models import models
 from chaoqing.bench.overhead import overhead
 from chaoqing.bench.overload import overload
+from chaoqing.bench.runtimes import runtimes
 from chaoqing.bench.soak import soak
 
 __all__ = ["bench"]
@@ -35,4 +36,5 @@ bench.add_command(local)
 bench.add_command(models)
 bench.add_command(overhead)
 bench.add_command(overload)
+bench.add_command(runtimes)
 bench.add_command(soak)
