@@ -58,7 +58,7 @@ def test_compact_model_on_ncnn_and_onnxruntime_and_a_missing_runtime(tmp_path: P
     python_path = os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH", "")]))
     completed = run_cli("bench", "runtimes", "--models", COMPACT_X4, "--runtimes", "ncnn,onnxruntime,openvino",
                         "--sizes", "32", "--rounds", "1", "--threads", "1", "--json", timeout=170,
-                        env={"PYTHONPATH": python_path})
+                        env={"PYTHONPATH": python_path, "CHAOQING_CACHE_DIR": str(tmp_path / "cache")})
     assert completed.returncode == 0, completed.stderr[-3000:]
     document = json.loads(completed.stdout)
     assert document["scenario"] == "runtimes" and document["command"].startswith("chaoqing bench runtimes")

@@ -78,8 +78,10 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
               help="Port to listen on; 0 picks a free one (printed on start).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Compute threads per model instance; 0 = number of CPUs.")
-@click.option("--runtime", default="ncnn", show_default=True, metavar="NAME",
-              help="What computes the upscalers: ncnn, openvino, onnxruntime or torch. The last three are extras: "
+@click.option("--runtime", default="auto", show_default=True, metavar="NAME",
+              help="What computes the upscalers: auto (each model's measured fastest CPU runtime, shown by "
+                   "`chaoqing models`, ncnn when that one is not installed; on a GPU: ncnn on vulkan:N, torch on "
+                   "cuda:N, onnxruntime on tensorrt:N), ncnn, openvino, onnxruntime or torch. The last three are extras: "
                    "pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detector is dlib's).")
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="cpu; vulkan:N (ncnn); cuda:N (onnxruntime, torch); tensorrt:N (onnxruntime's TensorRT provider).")

@@ -33,6 +33,7 @@ from typing import Any
 from chaoqing.errors import RunnerError
 
 __all__ = [
+    "CPU_RUNTIMES",
     "DETECTOR_CARD",
     "UPSCALERS",
     "ModelCard",
@@ -112,6 +113,9 @@ class UpscalerModel:
     file_stem: str
     default_tile_size: int
     tile_context: int
+    # the runtime ``--runtime auto`` (the default) computes it with on the CPU: the fastest
+    # measured for its architecture (CPU_RUNTIMES)
+    cpu_runtime: str = "ncnn"
 
     @property
     def name(self) -> str:
@@ -126,12 +130,22 @@ class UpscalerModel:
         return self.card.architecture
 
 
+# Each architecture's default CPU runtime: the fastest in `chaoqing bench runtimes` here
+# (docs/benchmarks.md "runtimes", docs/model-server.md "Runtimes" says why each). ncnn is
+# what ``auto`` falls back to when the chosen runtime is not installed.
+CPU_RUNTIMES: Mapping[str, str] = types.MappingProxyType({
+    "RRDBNet": "ncnn",
+    "SRVGGNetCompact": "ncnn",
+    "SPAN": "ncnn",
+})
+
+
 def _realesrgan(name: str, architecture: str, scale: int, tile: int, context: int, purpose: str,
                 source: str) -> UpscalerModel:
     card = ModelCard(name, "upscaler", architecture, scale, BSD_3, "yes",
                      "Real-ESRGAN's weights are BSD-3-Clause, like its code", source,
                      REALESRGAN_PACKAGE.distribution, purpose)
-    return UpscalerModel(card, REALESRGAN_PACKAGE, name, tile, context)
+    return UpscalerModel(card, REALESRGAN_PACKAGE, name, tile, context, CPU_RUNTIMES[architecture])
 
 
 def _span(name: str, file_stem: str, scale: int, license_name: str, commercial_use: str, license_note: str,
@@ -142,7 +156,7 @@ def _span(name: str, file_stem: str, scale: int, license_name: str, commercial_u
     # about what the compact model's (64) do.
     card = ModelCard(name, "upscaler", "SPAN", scale, license_name, commercial_use, license_note, source,
                      SPAN_PACKAGE.distribution, purpose)
-    return UpscalerModel(card, SPAN_PACKAGE, file_stem, 256, 24)
+    return UpscalerModel(card, SPAN_PACKAGE, file_stem, 256, 24, CPU_RUNTIMES["SPAN"])
 
 
 _SPAN_OWN_NOTE = ("SPAN's own pretrained weights (github.com/hongyuanyu/SPAN, whose code is Apache-2.0); "

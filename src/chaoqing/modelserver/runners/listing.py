@@ -1,5 +1,6 @@
-"""What ``chaoqing models`` prints: every bundled model's card, whether its files are here, and
-which runtimes are installed. Cheap: packages are located, never imported."""
+"""What ``chaoqing models`` prints: every bundled model's card, whether its files are here, the
+runtime ``--runtime auto`` (the default) computes it with on the CPU, and which runtimes are
+installed. Cheap: packages are located, never imported."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chaoqing.errors import RunnerError
-from chaoqing.modelserver.runners.backends import RUNTIMES
+from chaoqing.modelserver.runners.backends import AUTO, RUNTIMES, resolve_runtime
 from chaoqing.modelserver.runners.catalog import DETECTOR_CARD, UPSCALERS, ModelCard, model_files
 
 __all__ = ["installed_runtimes", "list_models", "models_table"]
 
 DETECTOR_MODULES = ("dlib", "face_recognition_models")
 # columns of the table: heading, key, widest text shown
-_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 16),
+_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("runtime", "runtime", 26), ("license", "license", 16),
             ("commercial", "commercial_use", 10), ("for", "purpose", 60))
 
 
@@ -26,7 +27,11 @@ def _located(module: str) -> bool:
         return False
 
 
-def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str) -> dict[str, Any]:
+DETECTOR_RUNTIME = "dlib"
+
+
+def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str, default_runtime: str,
+           runtime: str) -> dict[str, Any]:
     return {
         "name": card.name,
         "kind": card.kind,
@@ -41,22 +46,31 @@ def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str)
         "installed": installed,
         "files": list(files),
         "missing": missing,
+        # the measured default on the CPU, and what `--runtime auto` uses here (ncnn when the
+        # default is not installed)
+        "default_runtime": default_runtime,
+        "runtime": runtime,
     }
 
 
 def list_models() -> list[dict[str, Any]]:
     """Every bundled model (the upscalers, then the detector) as a dict: its card, ``installed``
-    (its files or packages are here), ``files`` and, when not installed, ``missing`` (why)."""
+    (its files or packages are here), ``files``, when not installed ``missing`` (why),
+    ``default_runtime`` (its measured default on the CPU) and ``runtime`` (what ``--runtime
+    auto`` computes it with on this machine's CPU: ncnn when the default is not installed)."""
     listed = []
     for model in UPSCALERS.values():
+        runtime = resolve_runtime(model, AUTO, "cpu")
+        shown = runtime if runtime == model.cpu_runtime else f"{runtime} ({model.cpu_runtime} not installed)"
         try:
             paths = model_files(model)
         except RunnerError as exc:
-            listed.append(_entry(model.card, False, [], str(exc)))
+            listed.append(_entry(model.card, False, [], str(exc), model.cpu_runtime, shown))
             continue
-        listed.append(_entry(model.card, True, [str(path) for path in paths], ""))
+        listed.append(_entry(model.card, True, [str(path) for path in paths], "", model.cpu_runtime, shown))
     absent = [module for module in DETECTOR_MODULES if not _located(module)]
-    listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
+    listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else "",
+                         DETECTOR_RUNTIME, DETECTOR_RUNTIME))
     return listed
 
 
@@ -84,5 +98,7 @@ def models_table(listed: Sequence[Mapping[str, Any]], runtimes: Mapping[str, boo
     if missing_runtimes:
         hints = ", ".join(f"{name} ({RUNTIMES[name].install_hint()})" for name in missing_runtimes)
         lines.append(f"runtimes not installed: {hints}")
+    lines.append("runtime: what computes it on the CPU by default (--runtime auto), the fastest measured here "
+                 "(docs/model-server.md \"Runtimes\").")
     lines.append("commercial: 'no' forbids commercial use; 'unverified': no license for the weights was established.")
     return "\n".join(lines)
