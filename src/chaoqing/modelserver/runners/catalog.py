@@ -130,9 +130,11 @@ class UpscalerModel:
         return self.card.architecture
 
 
-# Each architecture's default CPU runtime: the fastest in `chaoqing bench runtimes` here
-# (docs/benchmarks.md "runtimes", docs/model-server.md "Runtimes" says why each). ncnn is
-# what ``auto`` falls back to when the chosen runtime is not installed.
+# Each architecture's default CPU runtime, chosen with `chaoqing bench runtimes` here
+# (docs/benchmarks.md "runtimes"; docs/model-server.md "Runtimes" says why each): ncnn was the
+# fastest on the compact model (others 0.65-0.83x) and SPAN (0.57-0.76x), and tied on x4plus's
+# 128 px face crops, where OpenVINO's 2.3x on larger tiles is eaten by its one-time cost per
+# new input shape. ncnn is also what ``auto`` falls back to when a chosen runtime is missing.
 CPU_RUNTIMES: Mapping[str, str] = types.MappingProxyType({
     "RRDBNet": "ncnn",
     "SRVGGNetCompact": "ncnn",
