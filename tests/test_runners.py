@@ -162,7 +162,8 @@ def test_unknown_model_names_the_known_ones() -> None:
     "settings",
     [
         {"threads": -1},
-        {"device": "cuda:0"},
+        {"runtime": "ncnn", "device": "cuda:0"},  # auto, the default, takes cuda:0 (torch)
+        {"runtime": "tensorflow"},
         {"device": "vulkan:x"},
         {"max_batch_size": 0},
         {"detector_upsample": 4},

@@ -11,8 +11,10 @@ machine without a GPU gives. A missing runtime is simulated by making its import
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import io
 import json
+import logging
 import re
 import sys
 import time
@@ -43,15 +45,17 @@ from chaoqing.gateway.remote import RemoteModel, RemoteModels
 from chaoqing.gateway.server import GatewayServer
 from chaoqing.gateway.supervisor import ModelServerSupervisor
 from chaoqing.modelserver.app import ModelServer, ModelServerOptions
-from chaoqing.modelserver.runners import RUNTIMES, Runner, RunnerSettings, create_runner
+from chaoqing.modelserver.runners import RUNTIMES, Runner, RunnerSettings, backends, create_runner
 from chaoqing.modelserver.runners.backends import (
+    AUTO,
     Device,
     check_device,
     check_runtime,
     cuda_device_count,
     parse_device,
+    resolve_runtime,
 )
-from chaoqing.modelserver.runners.catalog import UPSCALERS, model_cards
+from chaoqing.modelserver.runners.catalog import CPU_RUNTIMES, UPSCALERS, model_cards
 from chaoqing.modelserver.runners.onnxruntime_backend import (
     CPU_PROVIDER,
     OnnxruntimeBackend,
@@ -115,7 +119,51 @@ def start_gateway(upscaler: str, url: str) -> GatewayServer:
 
 @pytest.mark.timeout(10)
 def test_the_config_names_the_same_runtimes_as_the_runners() -> None:
-    assert MODEL_RUNTIMES == tuple(RUNTIMES)
+    assert MODEL_RUNTIMES == (AUTO, *RUNTIMES)
+    assert ModelServerSettings().runtime == AUTO and RunnerSettings().runtime == AUTO
+
+
+@pytest.mark.timeout(10)
+def test_auto_is_each_models_measured_cpu_runtime_and_the_gpus_own() -> None:
+    assert set(CPU_RUNTIMES.values()) <= set(RUNTIMES)
+    for model in UPSCALERS.values():
+        assert model.cpu_runtime == CPU_RUNTIMES[model.architecture]
+        assert resolve_runtime(model, AUTO, "cpu") == model.cpu_runtime  # all installed here
+        assert resolve_runtime(model, "onnxruntime", "cpu") == "onnxruntime"  # a runtime named is kept
+    plus = UPSCALERS[PLUS_X4]
+    assert resolve_runtime(plus, AUTO, "vulkan:0") == "ncnn"
+    assert resolve_runtime(plus, AUTO, "cuda:1") == "torch"
+    assert resolve_runtime(plus, AUTO, "tensorrt:0") == "onnxruntime"
+    with pytest.raises(RunnerError, match="runtime openvino does not run on cuda:0"):
+        resolve_runtime(plus, "openvino", "cuda:0")
+
+
+@pytest.mark.timeout(10)
+def test_auto_falls_back_to_ncnn_when_the_default_is_missing_and_says_so_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    model = dataclasses.replace(UPSCALERS[PLUS_X4], cpu_runtime="openvino")
+    monkeypatch.setattr(backends, "runtime_installed", lambda name: name != "openvino")
+    backends._log_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="chaoqing.modelserver.runners"):
+        assert resolve_runtime(model, AUTO, "cpu") == "ncnn"
+        assert resolve_runtime(model, AUTO, "cpu") == "ncnn"
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [(f"{PLUS_X4}: its default CPU runtime openvino is not installed "
+                        "(pip install 'chaoqing[openvino]'); running it on ncnn")]
+    assert resolve_runtime(model, "openvino", "cpu") == "openvino"  # asked for by name: no fallback
+    backends._log_fallback.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_runner_built_with_the_default_settings_says_which_runtime_computes_it() -> None:
+    runner = create_runner(COMPACT_X4, RunnerSettings(threads=1))
+    try:
+        runtime = UPSCALERS[COMPACT_X4].cpu_runtime
+        assert runner.spec.parameters["runtime"] == runtime and runner.spec.platform == PLATFORMS[runtime]
+        assert runner.run({"image": np.zeros((1, 8, 8, 3), np.uint8)})["image"].shape == (1, 32, 32, 3)
+    finally:
+        runner.close()
 
 
 @pytest.mark.timeout(10)
@@ -135,7 +183,7 @@ runtime = "onnxruntime"
     assert settings.runtime_for(COMPACT_X4) == "onnxruntime" and settings.device_for(COMPACT_X4) == "cpu"
     from_environment = load_config(environ={"CHAOQING_MODEL_SERVER__RUNTIMES": f"{SPAN_X4}=openvino, {PLUS_X4}=ncnn"})
     assert dict(from_environment.model_server.runtimes) == {SPAN_X4: "openvino", PLUS_X4: "ncnn"}
-    with pytest.raises(ConfigError, match="model_server.runtimes.realesrgan-x4plus: 'tf' is not one of ncnn"):
+    with pytest.raises(ConfigError, match="model_server.runtimes.realesrgan-x4plus: 'tf' is not one of auto, ncnn"):
         load_config(environ={"CHAOQING_MODEL_SERVER__RUNTIMES": f"{PLUS_X4}=tf"})
     with pytest.raises(ConfigError, match="is not MODEL=VALUE"):
         load_config(environ={"CHAOQING_MODEL_SERVER__RUNTIMES": "torch"})
@@ -463,6 +511,9 @@ def test_models_command_lists_every_bundled_model_with_its_license() -> None:
     assert all(models[name]["license"] == "unverified" for name in ("span-x4-ch48", "span-x4-ch52", "span-hfa2k-x2"))
     assert all(Path(path).is_file() for path in models[PLUS_X4]["files"])
     assert listing["runtimes"] == {"ncnn": True, "openvino": True, "onnxruntime": True, "torch": True}
+    for name, model in UPSCALERS.items():
+        assert models[name]["default_runtime"] == models[name]["runtime"] == model.cpu_runtime
+    assert models["face-detector"]["runtime"] == "dlib"
 
 
 @pytest.mark.timeout(60)
@@ -475,3 +526,6 @@ def test_models_command_says_which_runtime_is_missing(tmp_path: Path) -> None:
     completed = run_cli("models", env={"PYTHONPATH": str(tmp_path)}, timeout=50)
     assert completed.returncode == 0, completed.stderr
     assert "runtimes not installed: openvino (pip install 'chaoqing[openvino]')" in completed.stdout
+    for name, model in UPSCALERS.items():  # a model whose default is missing runs on ncnn, and says so
+        row = next(line for line in completed.stdout.splitlines() if line.startswith(name + " "))
+        assert ("ncnn (openvino not installed)" in row) == (model.cpu_runtime == "openvino"), row

@@ -85,10 +85,12 @@ def _key_values(context: click.Context, parameter: click.Parameter, values: tupl
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Compute threads per model instance; 0 = number of CPUs.")
 @click.option("--runtime", default=None, metavar="NAME",
-              help="What computes the bundled upscalers: ncnn, openvino, onnxruntime or torch. The last three are "
+              help="What computes the upscalers: auto (each model's measured fastest CPU runtime, shown by "
+                   "`chaoqing models`, ncnn when that one is not installed; on a GPU: ncnn on vulkan:N, torch on "
+                   "cuda:N, onnxruntime on tensorrt:N), ncnn, openvino, onnxruntime or torch. The last three are "
                    "extras: pip install 'chaoqing[openvino]', 'chaoqing[onnx]' or 'chaoqing[torch]' (the detectors "
                    "bring their own: CenterFace on onnxruntime, dlib; a model file of yours runs on its table's "
-                   "runtime).  [default: ncnn, or that of the model files served when all are yours]")
+                   "runtime).  [default: auto, or that of the model files served when all are yours]")
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="cpu; vulkan:N (ncnn); cuda:N (onnxruntime, torch); tensorrt:N (onnxruntime's TensorRT provider).")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -139,7 +141,7 @@ def model_server(models: tuple[str, ...], config_path: str | None, host: str, po
         _fail(f"--model-option: {exc}")
     if runtime is None:  # the user models' own when only they are served (their device must suit it)
         own = {user_models[name].runtime for name in models if name in user_models}
-        runtime = own.pop() if len(own) == 1 and all(name in user_models for name in models) else "ncnn"
+        runtime = own.pop() if len(own) == 1 and all(name in user_models for name in models) else "auto"
     try:
         runner_settings = RunnerSettings(threads=threads, runtime=runtime, device=device, model_options=model_options,
                                          user_models={name: user_models[name] for name in models if name in user_models})

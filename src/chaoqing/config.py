@@ -14,7 +14,7 @@ A TOML file looks like::
     max_body_bytes = 41943040
 
     [model_server]                   # the model servers `chaoqing serve` starts
-    runtime = "ncnn"                 # ncnn | openvino | onnxruntime | torch
+    runtime = "auto"                 # auto (each model's measured default) | ncnn | openvino | onnxruntime | torch
     [model_server.runtimes]          # per model, over `runtime`
     "realesrgan-x4plus" = "openvino"
     [model_server.devices]           # per model, over `device`
@@ -144,9 +144,10 @@ PRESETS: Mapping[str, Preset] = types.MappingProxyType(
     }
 )
 
-# What `[model_server] runtime` may name (chaoqing.modelserver.runners.backends.RUNTIMES; a
-# leaf cannot import it, tests/test_runtimes.py checks that they agree)
-MODEL_RUNTIMES = ("ncnn", "openvino", "onnxruntime", "torch")
+# What `[model_server] runtime` may name: "auto" (chaoqing.modelserver.runners.backends.AUTO:
+# each model's measured default CPU runtime, ncnn when that is not installed), then RUNTIMES (a
+# leaf cannot import them, tests/test_runtimes.py checks that they agree)
+MODEL_RUNTIMES = ("auto", "ncnn", "openvino", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -215,9 +216,10 @@ class ModelServerSettings:
     """Settings of model servers, embedded or standalone."""
 
     threads: int = 0  # compute threads per model instance; 0 = number of CPUs
-    # what computes the upscalers, and where (docs/model-server.md "Runtimes"): ncnn on cpu or
-    # vulkan:N, openvino on cpu, onnxruntime on cpu, cuda:N or tensorrt:N, torch on cpu or cuda:N
-    runtime: str = "ncnn"
+    # what computes the upscalers, and where (docs/model-server.md "Runtimes"): auto (each model's
+    # measured default on the CPU, `chaoqing models` shows it), ncnn on cpu or vulkan:N, openvino
+    # on cpu, onnxruntime on cpu, cuda:N or tensorrt:N, torch on cpu or cuda:N
+    runtime: str = "auto"
     device: str = "cpu"
     # per model, over runtime and device: [model_server.runtimes] "realesrgan-x4plus" = "openvino"
     runtimes: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))

@@ -20,6 +20,7 @@ from chaoqing.bench.overhead import overhead
 from chaoqing.bench.overload import overload
 from chaoqing.bench.presets import presets
 from chaoqing.bench.quality import quality
+from chaoqing.bench.runtimes import runtimes
 from chaoqing.bench.soak import soak
 
 __all__ = ["bench"]
@@ -43,4 +44,5 @@ bench.add_command(overhead)
 bench.add_command(overload)
 bench.add_command(presets)
 bench.add_command(quality)
+bench.add_command(runtimes)
 bench.add_command(soak)

@@ -41,11 +41,18 @@ from dataclasses import dataclass, field
 
 from chaoqing.config import UserModel
 from chaoqing.errors import RunnerError
-from chaoqing.modelserver.runners.backends import RUNTIMES, check_device, check_runtime
+from chaoqing.modelserver.runners.backends import (
+    AUTO,
+    RUNTIMES,
+    check_device,
+    check_runtime,
+    resolve_runtime,
+)
 from chaoqing.modelserver.runners.base import ModelSpec, Runner, TensorSpec
 from chaoqing.modelserver.runners.catalog import UPSCALERS
 
 __all__ = [
+    "AUTO",
     "RUNTIMES",
     "ModelSpec",
     "Runner",
@@ -68,7 +75,10 @@ class RunnerSettings:
     """How runners are built; one value for every model a server hosts.
 
     - ``threads``: compute threads per model instance; 0 means ``os.cpu_count()``.
-    - ``runtime``: what computes the upscalers: ``ncnn`` (the default), ``openvino``,
+    - ``runtime``: what computes the upscalers: ``auto`` (the default: each model's measured
+      default CPU runtime, ``cpu_runtime`` in the catalog, or ncnn when that one is not
+      installed; on a GPU the runtime that drives it, see
+      :func:`~chaoqing.modelserver.runners.backends.resolve_runtime`), ``ncnn``, ``openvino``,
       ``onnxruntime`` or ``torch`` (the dlib detector and the simulators ignore it).
     - ``device``: ``"cpu"``, or a device the runtime drives: ``vulkan:N`` (ncnn), ``cuda:N``
       (onnxruntime, torch), ``tensorrt:N`` (onnxruntime's TensorRT provider); the detector and
@@ -90,7 +100,7 @@ class RunnerSettings:
     """
 
     threads: int = 0
-    runtime: str = "ncnn"
+    runtime: str = AUTO
     device: str = "cpu"
     tile_size: int = 0
     max_batch_size: int = 8
@@ -122,14 +132,15 @@ def _create_upscaler(name: str, settings: RunnerSettings) -> Runner:
     from chaoqing.modelserver.runners.upscaler import EDGE_PADDING_PX, UpscalerRunner, one_pass_size
 
     model = UPSCALERS[name]
+    runtime = resolve_runtime(model, settings.runtime, settings.device)
     # the longest side the runner feeds the network: one pass with its edge padding
     max_side = one_pass_size(settings.tile_size or model.default_tile_size, model.tile_context) + 2 * EDGE_PADDING_PX
-    backend = create_backend(model, settings.runtime, settings.device, threads=settings.threads,
+    backend = create_backend(model, runtime, settings.device, threads=settings.threads,
                              max_items=settings.max_batch_size, max_side=max_side)
     return UpscalerRunner(
         model,
         backend,
-        runtime=settings.runtime,
+        runtime=runtime,
         device=settings.device,
         tile_size=settings.tile_size,
         max_batch_size=settings.max_batch_size,
@@ -242,7 +253,7 @@ def runtime_for(name: str, settings: RunnerSettings) -> str | None:
     upscaler, None for the detector and the simulators."""
     if name in settings.user_models:
         return settings.user_models[name].runtime
-    return settings.runtime if uses_runtime(name) else None
+    return resolve_runtime(UPSCALERS[name], settings.runtime, settings.device) if uses_runtime(name) else None
 
 
 def check_runtimes(names: Iterable[str], settings: RunnerSettings) -> None:
@@ -259,8 +270,9 @@ def check_runtimes(names: Iterable[str], settings: RunnerSettings) -> None:
                 check_runtime(settings.user_models[name].runtime, settings.device)
             except RunnerError as exc:
                 raise RunnerError(f"models.{name}.runtime: {exc}") from exc
-    if any(uses_runtime(name) for name in names):
-        check_runtime(settings.runtime, settings.device)
+    needed = {resolve_runtime(UPSCALERS[name], settings.runtime, settings.device) for name in names if uses_runtime(name)}
+    for runtime in sorted(needed):
+        check_runtime(runtime, settings.device)
 
 
 def create_runner(name: str, settings: RunnerSettings) -> Runner:

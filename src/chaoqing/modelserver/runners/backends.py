@@ -26,7 +26,10 @@ Importing this module imports no runtime.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
+import importlib.util
+import logging
 import re
 import types
 from abc import ABC, abstractmethod
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from chaoqing.modelserver.runners.catalog import UpscalerModel
 
 __all__ = [
+    "AUTO",
     "RUNTIMES",
     "Backend",
     "Device",
@@ -52,7 +56,11 @@ __all__ = [
     "cuda_device_count",
     "import_runtime",
     "parse_device",
+    "resolve_runtime",
+    "runtime_installed",
 ]
+
+_log = logging.getLogger("chaoqing.modelserver.runners")
 
 CPU = "cpu"
 CUDA = "cuda"
@@ -120,6 +128,16 @@ CUDA_DRIVER_LIBRARY = "libcuda.so.1"  # the NVIDIA driver's API; present whereve
 CUDA_SUCCESS = 0
 
 
+# ``--runtime auto`` (the default): on the CPU, each model's measured default
+# (:attr:`~chaoqing.modelserver.runners.catalog.UpscalerModel.cpu_runtime`, docs/model-server.md
+# "Runtimes"), ncnn when that one is not installed; on a GPU, the runtime that drives it best:
+# ncnn on Vulkan (the only one there), PyTorch on CUDA (fp16 and real batches), ONNX Runtime on
+# TensorRT (the only one there).
+AUTO = "auto"
+FALLBACK_RUNTIME = "ncnn"  # a dependency: always installed
+GPU_RUNTIMES = types.MappingProxyType({VULKAN: "ncnn", CUDA: "torch", TENSORRT: "onnxruntime"})
+
+
 def runtime_named(name: str) -> Runtime:
     """The :class:`Runtime` called ``name``; raises RunnerError naming the known ones."""
     runtime = RUNTIMES.get(name)
@@ -135,12 +153,47 @@ def check_device(runtime_name: str, device_text: str) -> Device:
     Raises RunnerError for an unknown runtime, a malformed device or a pair that does not go
     together (``ncnn`` on ``cuda:0``).
     """
-    runtime = runtime_named(runtime_name)
     device = parse_device(device_text)
+    if runtime_name == AUTO:
+        return device  # every device kind has a runtime that drives it (GPU_RUNTIMES)
+    runtime = runtime_named(runtime_name)
     if device.kind not in runtime.device_kinds:
         kinds = ", ".join(kind if kind == CPU else f"{kind}:N" for kind in runtime.device_kinds)
         raise RunnerError(f"runtime {runtime.name} does not run on {device}; it takes --device {kinds}")
     return device
+
+
+def runtime_installed(runtime_name: str) -> bool:
+    """Whether the runtime's module is installed (located, not imported: cheap)."""
+    try:
+        return importlib.util.find_spec(runtime_named(runtime_name).module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module set to None
+        return False
+
+
+@functools.cache
+def _log_fallback(model_name: str, runtime_name: str) -> None:
+    """Say once per process and model that its default runtime is missing and ncnn runs it."""
+    _log.warning("%s: its default CPU runtime %s is not installed (%s); running it on %s",
+                 model_name, runtime_name, runtime_named(runtime_name).install_hint(), FALLBACK_RUNTIME)
+
+
+def resolve_runtime(model: UpscalerModel, runtime_name: str, device_text: str) -> str:
+    """The runtime that computes ``model`` on ``device_text`` when ``runtime_name`` is asked for:
+    itself, unless it is ``auto`` (:data:`AUTO`): then ``model.cpu_runtime`` on the CPU, or
+    ncnn when that is not installed (logged once), and :data:`GPU_RUNTIMES`' choice on a GPU.
+
+    Raises RunnerError as :func:`check_device` does.
+    """
+    device = check_device(runtime_name, device_text)
+    if runtime_name != AUTO:
+        return runtime_name
+    if device.is_gpu:
+        return GPU_RUNTIMES[device.kind]
+    if model.cpu_runtime != FALLBACK_RUNTIME and not runtime_installed(model.cpu_runtime):
+        _log_fallback(model.name, model.cpu_runtime)
+        return FALLBACK_RUNTIME
+    return model.cpu_runtime
 
 
 def import_runtime(runtime_name: str) -> types.ModuleType:

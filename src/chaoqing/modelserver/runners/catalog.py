@@ -34,6 +34,7 @@ from chaoqing.errors import RunnerError
 
 __all__ = [
     "CENTERFACE_CARD",
+    "CPU_RUNTIMES",
     "DETECTOR_CARD",
     "FACE_DESCRIPTOR_CARD",
     "UPSCALERS",
@@ -114,6 +115,9 @@ class UpscalerModel:
     file_stem: str
     default_tile_size: int
     tile_context: int
+    # the runtime ``--runtime auto`` (the default) computes it with on the CPU: the fastest
+    # measured for its architecture (CPU_RUNTIMES)
+    cpu_runtime: str = "ncnn"
 
     @property
     def name(self) -> str:
@@ -128,12 +132,24 @@ class UpscalerModel:
         return self.card.architecture
 
 
+# Each architecture's default CPU runtime, chosen with `chaoqing bench runtimes` here
+# (docs/benchmarks.md "runtimes"; docs/model-server.md "Runtimes" says why each): ncnn was the
+# fastest on the compact model (others 0.65-0.83x) and SPAN (0.57-0.76x), and tied on x4plus's
+# 128 px face crops, where OpenVINO's 2.3x on larger tiles is eaten by its one-time cost per
+# new input shape. ncnn is also what ``auto`` falls back to when a chosen runtime is missing.
+CPU_RUNTIMES: Mapping[str, str] = types.MappingProxyType({
+    "RRDBNet": "ncnn",
+    "SRVGGNetCompact": "ncnn",
+    "SPAN": "ncnn",
+})
+
+
 def _realesrgan(name: str, architecture: str, scale: int, tile: int, context: int, purpose: str,
                 source: str) -> UpscalerModel:
     card = ModelCard(name, "upscaler", architecture, scale, BSD_3, "yes",
                      "Real-ESRGAN's weights are BSD-3-Clause, like its code", source,
                      REALESRGAN_PACKAGE.distribution, purpose)
-    return UpscalerModel(card, REALESRGAN_PACKAGE, name, tile, context)
+    return UpscalerModel(card, REALESRGAN_PACKAGE, name, tile, context, CPU_RUNTIMES[architecture])
 
 
 def _span(name: str, file_stem: str, scale: int, license_name: str, commercial_use: str, license_note: str,
@@ -144,7 +160,7 @@ def _span(name: str, file_stem: str, scale: int, license_name: str, commercial_u
     # about what the compact model's (64) do.
     card = ModelCard(name, "upscaler", "SPAN", scale, license_name, commercial_use, license_note, source,
                      SPAN_PACKAGE.distribution, purpose)
-    return UpscalerModel(card, SPAN_PACKAGE, file_stem, 256, 24)
+    return UpscalerModel(card, SPAN_PACKAGE, file_stem, 256, 24, CPU_RUNTIMES["SPAN"])
 
 
 _SPAN_OWN_NOTE = ("SPAN's own pretrained weights (github.com/hongyuanyu/SPAN, whose code is Apache-2.0); "

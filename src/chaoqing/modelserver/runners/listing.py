@@ -1,8 +1,9 @@
-"""What ``chaoqing models`` prints: every bundled model's card, whether its files are here, and
-which runtimes are installed; and the user's own model files (``[models.NAME]``), with the
-license and source their tables give. Cheap: packages are located, never imported, and user
-files are not opened (their architecture and scale, when the table gives none, are read when
-a model server loads them: its metadata says them)."""
+"""What ``chaoqing models`` prints: every bundled model's card, whether its files are here, the
+runtime ``--runtime auto`` (the default) computes it with on the CPU, and which runtimes are
+installed; and the user's own model files (``[models.NAME]``), with the license and source their
+tables give. Cheap: packages are located, never imported, and user files are not opened (their
+architecture and scale, when the table gives none, are read when a model server loads them:
+its metadata says them)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from chaoqing.config import UserModel
 from chaoqing.errors import RunnerError
-from chaoqing.modelserver.runners.backends import RUNTIMES
+from chaoqing.modelserver.runners.backends import AUTO, RUNTIMES, resolve_runtime
 from chaoqing.modelserver.runners.catalog import (
     CENTERFACE_CARD,
     DETECTOR_CARD,
@@ -27,7 +28,7 @@ __all__ = ["installed_runtimes", "list_models", "list_user_models", "models_tabl
 DETECTOR_MODULES = ("dlib", "face_recognition_models")
 CENTERFACE_MODULES = ("onnxruntime", "onnx")
 # columns of the table: heading, key, widest text shown
-_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("license", "license", 30),
+_COLUMNS = (("model", "name", 24), ("scale", "scale", 5), ("runtime", "runtime", 26), ("license", "license", 30),
             ("commercial", "commercial_use", 10), ("for", "purpose", 60))
 
 
@@ -38,7 +39,12 @@ def _located(module: str) -> bool:
         return False
 
 
-def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str) -> dict[str, Any]:
+DETECTOR_RUNTIME = "dlib"
+CENTERFACE_RUNTIME = "onnxruntime"
+
+
+def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str, default_runtime: str = "",
+           runtime: str = "") -> dict[str, Any]:
     return {
         "name": card.name,
         "kind": card.kind,
@@ -54,24 +60,35 @@ def _entry(card: ModelCard, installed: bool, files: Sequence[str], missing: str)
         "files": list(files),
         "missing": missing,
         "user_model": False,
+        # the measured default on the CPU, and what `--runtime auto` uses here (ncnn when the
+        # default is not installed)
+        "default_runtime": default_runtime,
+        "runtime": runtime,
     }
 
 
 def list_models() -> list[dict[str, Any]]:
-    """Every bundled model (the upscalers, the detectors, the face descriptor) as a dict: its card, ``installed``
-    (its files or packages are here), ``files`` and, when not installed, ``missing`` (why)."""
+    """Every bundled model (the upscalers, the detectors, the face descriptor) as a dict: its
+    card, ``installed`` (its files or packages are here), ``files``, when not installed
+    ``missing`` (why), ``default_runtime`` (its measured default on the CPU) and ``runtime``
+    (what ``--runtime auto`` computes it with on this machine's CPU: ncnn when the default is
+    not installed)."""
     listed = []
     for model in UPSCALERS.values():
+        runtime = resolve_runtime(model, AUTO, "cpu")
+        shown = runtime if runtime == model.cpu_runtime else f"{runtime} ({model.cpu_runtime} not installed)"
         try:
             paths = model_files(model)
         except RunnerError as exc:
-            listed.append(_entry(model.card, False, [], str(exc)))
+            listed.append(_entry(model.card, False, [], str(exc), model.cpu_runtime, shown))
             continue
-        listed.append(_entry(model.card, True, [str(path) for path in paths], ""))
+        listed.append(_entry(model.card, True, [str(path) for path in paths], "", model.cpu_runtime, shown))
     listed.append(_centerface_entry())
     absent = [module for module in DETECTOR_MODULES if not _located(module)]
-    listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
-    listed.append(_entry(FACE_DESCRIPTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else ""))
+    listed.append(_entry(DETECTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else "",
+                         DETECTOR_RUNTIME, DETECTOR_RUNTIME))
+    listed.append(_entry(FACE_DESCRIPTOR_CARD, not absent, [], f"not installed: {', '.join(absent)}" if absent else "",
+                         DETECTOR_RUNTIME, DETECTOR_RUNTIME))
     return listed
 
 
@@ -85,7 +102,7 @@ def list_user_models(models: Iterable[UserModel]) -> list[dict[str, Any]]:
         card = user_model_card(model, f"{model.suffix} file on {model.runtime}", model.scale)
         missing = [str(path) for path in model.files if not path.is_file()]
         entry = _entry(card, not missing, [str(path) for path in model.files],
-                       f"not there: {', '.join(missing)}" if missing else "")
+                       f"not there: {', '.join(missing)}" if missing else "", model.runtime, model.runtime)
         entry["user_model"] = True  # the license and source are the config's words
         listed.append(entry)
     return listed
@@ -100,8 +117,9 @@ def _centerface_entry() -> dict[str, Any]:
     try:
         files = [str(centerface_model_path())]
     except RunnerError as exc:
-        return _entry(CENTERFACE_CARD, False, [], str(exc))
-    return _entry(CENTERFACE_CARD, not absent, files, f"not installed: {', '.join(absent)}" if absent else "")
+        return _entry(CENTERFACE_CARD, False, [], str(exc), CENTERFACE_RUNTIME, CENTERFACE_RUNTIME)
+    return _entry(CENTERFACE_CARD, not absent, files, f"not installed: {', '.join(absent)}" if absent else "",
+                  CENTERFACE_RUNTIME, CENTERFACE_RUNTIME)
 
 
 def installed_runtimes() -> dict[str, bool]:
@@ -128,5 +146,7 @@ def models_table(listed: Sequence[Mapping[str, Any]], runtimes: Mapping[str, boo
     if missing_runtimes:
         hints = ", ".join(f"{name} ({RUNTIMES[name].install_hint()})" for name in missing_runtimes)
         lines.append(f"runtimes not installed: {hints}")
+    lines.append("runtime: what computes it on the CPU by default (--runtime auto), the fastest measured here "
+                 "(docs/model-server.md \"Runtimes\").")
     lines.append("commercial: 'no' forbids commercial use; 'unverified': no license for the weights was established.")
     return "\n".join(lines)
