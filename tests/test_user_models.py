@@ -215,7 +215,7 @@ face_model = "tiny"
     assert tiny.runtime == "openvino" and tiny.scale == 2 and tiny.license == UNKNOWN_LICENSE
     assert old.runtime == "ncnn" and old.files == (tmp_path / "net.param", tmp_path / "net.bin")
     assert config.presets["mine"].upscaler == "mine" and config.models_needed("mine") == ("mine", "tiny",
-                                                                                          "face-detector")
+                                                                                          config.detector)
 
 
 @pytest.mark.timeout(10)
