@@ -324,6 +324,7 @@ USER_MODEL_KINDS = ("upscaler", FACE_RESTORER)
 # arcface 128 layout (GPEN-BFR-256). chaoqing.gateway.stages.enhance_faces holds their points.
 FACE_TEMPLATES = ("ffhq-512", "arcface-128")
 DEFAULT_FACE_TEMPLATE = "ffhq-512"
+FACE_RESTORER_RUNTIMES = ("onnxruntime", "torch")  # chaoqing.modelserver.runners.face_restorer
 # FaceFusion's face_enhancer_weight default: CodeFormer's fidelity between quality (0) and identity (1)
 DEFAULT_FACE_FIDELITY = 0.5
 MAX_FACE_INPUT_SIZE = 2048  # GPEN-BFR-2048, the largest published face restorer
@@ -428,6 +429,9 @@ class UserModel:
             object.__setattr__(self, "template", DEFAULT_FACE_TEMPLATE)
         elif self.template not in FACE_TEMPLATES:
             raise ConfigError(f"{where}.template: {self.template!r} is not one of {', '.join(FACE_TEMPLATES)}")
+        if self.runtime not in FACE_RESTORER_RUNTIMES:
+            raise ConfigError(f"{where}.runtime: a face restorer runs on {' or '.join(FACE_RESTORER_RUNTIMES)} "
+                              f"(.onnx, .pth, .safetensors), not {self.runtime}")
         if self.scale > 1:
             raise ConfigError(f"{where}.scale: a face restorer gives the face at the size it takes (scale 1)")
         if not 0 <= self.input_size <= MAX_FACE_INPUT_SIZE:

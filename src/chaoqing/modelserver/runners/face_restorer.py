@@ -140,6 +140,8 @@ def _onnx_tensors(session: Any, model: UserModel) -> _OnnxTensors:
     where, path = _where(model), model.path
     inputs, outputs = session.get_inputs(), session.get_outputs()
     images = [tensor for tensor in inputs if len(tensor.shape) == 4]
+    if len(images) > 1:  # which is the face: FaceFusion's name says
+        images = [tensor for tensor in images if tensor.name == IMAGE_INPUT_NAME] or images
     if len(images) != 1 or images[0].type != ONNX_FLOAT:
         found = ", ".join(f"{tensor.name} {tensor.type} {list(tensor.shape)}" for tensor in inputs) or "none"
         raise RunnerError(f"{where}: {path} has no single 4-D float input (it has {found}); a face restorer "
