@@ -21,12 +21,14 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from conftest import run_cli
 from PIL import Image
 from skimage import data
 
 from chaoqing.config import (
     DEFAULT_FACE_FIDELITY,
     Config,
+    JobSettings,
     Preset,
     RemoteSettings,
     UserModel,
@@ -405,7 +407,8 @@ def test_onnx_restorers_paste_through_the_gateway_exactly_what_their_operation_p
     server = start_model_server(list(models), user_models=models, ready_timeout_s=60)
     presets = {name: Preset(name, "sim-upscale-x2", name) for name in models}
     presets["codeformer-faithful"] = Preset("codeformer-faithful", "sim-upscale-x2", "codeformer", face_fidelity=0.6)
-    config = Config(port=0, detector="sim-detector", preset="gfpgan", models=models, presets=presets)
+    config = Config(port=0, detector="sim-detector", preset="gfpgan", models=models, presets=presets,
+                    jobs=JobSettings(spool_dir=str(tmp_path / "spool")))
     config = config.replace(endpoints={**{name: (server.url,) for name in models},
                                        **{name: (simulators.url,) for name in ("sim-detector", "sim-upscale-x2")}})
     metrics = GatewayMetrics()
@@ -422,6 +425,10 @@ def test_onnx_restorers_paste_through_the_gateway_exactly_what_their_operation_p
         }
         refused = requests.post(f"{gateway.url}/v1/enhance", params={"face_fidelity": "1.5"}, data=png_bytes(photo),
                                 headers={"Content-Type": "image/png"}, timeout=30)
+        (tmp_path / "photo.png").write_bytes(png_bytes(photo))
+        completed = run_cli("enhance", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--server", gateway.url,
+                            "--preset", "codeformer", "--scale", str(SCALE), "--face-fidelity", "0.3",
+                            "--no-face-colour", "--no-face-texture", timeout=60)
     finally:
         gateway.stop(grace_s=1.0)
     assert refused.status_code == 400 and "face_fidelity must be between 0 and 1" in refused.text
@@ -433,6 +440,9 @@ def test_onnx_restorers_paste_through_the_gateway_exactly_what_their_operation_p
         assert levels_apart(answer, expected) <= ONE_LEVEL, (preset_name, weight)
         assert levels_apart(answer, background) > 10, (preset_name, weight)  # a face was pasted at all
     assert levels_apart(answers[("codeformer", 0.3)], answers[("codeformer", 0.8)]) > 10
+    assert completed.returncode == 0, completed.stderr
+    with Image.open(tmp_path / "out" / "photo.png") as through_cli:  # --face-fidelity as the query's
+        assert levels_apart(np.asarray(through_cli.convert("RGB")), answers[("codeformer", 0.3)]) == 0
 
 
 @pytest.mark.slow
