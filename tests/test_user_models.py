@@ -226,7 +226,7 @@ face_model = "tiny"
     ({"path": "model.pth", "runtime": "onnxruntime"}, (r"^models\.mine\.runtime: onnxruntime does not load \.pth "
                                                       r"files; it takes torch$")),
     ({"path": "model.onnx", "runtime": "torch"}, r"it takes onnxruntime, openvino$"),
-    ({"path": "model.pth", "kind": "face-restorer"}, r"^models\.mine\.kind: 'face-restorer' is not one of upscaler$"),
+    ({"path": "model.pth", "kind": "detector"}, r"^models\.mine\.kind: 'detector' is not one of upscaler, face-restorer$"),
     ({"path": "model.pth", "scale": "4"}, r"^models\.mine\.scale: '4' is not an integer$"),
     ({"path": "model.pth", "scale": -2}, r"^models\.mine\.scale: must be 0 \(from the model\) or positive$"),
     ({"path": "model.pth", "commercial_use": "maybe"}, r"commercial_use: 'maybe' is not one of yes, no, unverified"),

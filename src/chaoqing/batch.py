@@ -81,6 +81,7 @@ class BatchJob:
     face_strength: float | None = None  # None: the preset's (the server's, with server)
     face_colour: bool | None = None
     face_texture: bool | None = None
+    face_fidelity: float | None = None  # a face restorer's fidelity weight; None: the preset's, else the model's
 
 
 @dataclass
@@ -300,7 +301,7 @@ class _LocalRunner:
         options = EnhanceOptions(job.scale, job.faces, job.preset, job.output_format, job.quality,
                                  strip_metadata=job.strip_metadata, strip_gps=job.strip_gps,
                                  face_strength=job.face_strength, face_colour=job.face_colour,
-                                 face_texture=job.face_texture)
+                                 face_texture=job.face_texture, face_fidelity=job.face_fidelity)
         upscaler = job.config.presets[job.preset].upscaler
         input_megapixels = size[0] * size[1] / MEGAPIXEL
         faces = bool(job.faces and job.config.presets[job.preset].face_model)
@@ -383,6 +384,8 @@ class _ServerRunner:
                 query[name] = str(value).lower()
         if job.face_strength is not None:
             query["face_strength"] = f"{job.face_strength:g}"
+        if job.face_fidelity is not None:
+            query["face_fidelity"] = f"{job.face_fidelity:g}"
         return urlencode(query)
 
     def enhance(self, data: bytes, size: tuple[int, int], on_progress: ProgressCallback) -> _Enhanced:

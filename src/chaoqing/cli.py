@@ -398,6 +398,9 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
 @click.option("--face-strength", default=None, type=click.FloatRange(0, 1),
               help="How much of the face model's face to paste, 0 to 1 (the rest is the background's own face).  "
                    "[default: the preset's]")
+@click.option("--face-fidelity", default=None, type=click.FloatRange(0, 1),
+              help="A face restorer's fidelity weight (CodeFormer's), 0 to 1: 1 keeps the input face closest.  "
+                   "[default: the preset's, else the model's]")
 @click.option("--face-colour/--no-face-colour", "face_colour", default=None,
               help="Give enhanced faces the photo's own colours.  [default: the preset's, on]")
 @click.option("--face-texture/--no-face-texture", "face_texture", default=None,
@@ -414,7 +417,7 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
               help="How much to log (stderr).")
 def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
             output_format: str | None, quality: int | None, strip_metadata: bool | None, strip_gps: bool | None,
-            face_strength: float | None, face_colour: bool | None, face_texture: bool | None, server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
+            face_strength: float | None, face_fidelity: float | None, face_colour: bool | None, face_texture: bool | None, server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
             config_path: str | None, log_level: str) -> None:
     """Enhance photos: files or folders of them.
 
@@ -448,7 +451,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
         config=config, preset=preset or config.preset, scale=config.scale, faces=not no_faces, output_format=output_format,
         quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
         strip_metadata=strip_metadata, strip_gps=strip_gps,
-        face_strength=face_strength, face_colour=face_colour, face_texture=face_texture,
+        face_strength=face_strength, face_colour=face_colour, face_texture=face_texture, face_fidelity=face_fidelity,
     )
     summary = run_batch(planned, job)
     sys.exit(0 if summary.failed == 0 else 1)

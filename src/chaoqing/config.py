@@ -50,6 +50,10 @@ from typing import Any
 from chaoqing.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_FACE_FIDELITY",
+    "DEFAULT_FACE_TEMPLATE",
+    "FACE_RESTORER",
+    "FACE_TEMPLATES",
     "MODEL_RUNTIMES",
     "PRESETS",
     "UNKNOWN_LICENSE",
@@ -93,6 +97,8 @@ class Preset:
     How an enhanced face is matched to its photo (``chaoqing.gateway.stages.face_match``):
     ``face_strength`` in [0, 1] blends it with the background's own face (1: the model's face
     alone), ``face_colour`` gives it the photo's colours, ``face_texture`` the photo's grain.
+    ``face_fidelity`` in [0, 1] is the fidelity ``weight`` a CodeFormer-style face restorer
+    takes (1: closest to the input face); None: the model's own default (``[models.NAME] weight``).
     """
 
     name: str
@@ -102,8 +108,11 @@ class Preset:
     face_strength: float = 1.0
     face_colour: bool = True
     face_texture: bool = True
+    face_fidelity: float | None = None
 
     def __post_init__(self) -> None:
+        if self.face_fidelity is not None and not _is_unit_number(self.face_fidelity):
+            raise ConfigError(f"presets.{self.name}.face_fidelity: {self.face_fidelity!r} is not a number in [0, 1]")
         if not (isinstance(self.face_strength, (int, float)) and not isinstance(self.face_strength, bool)
                 and math.isfinite(self.face_strength) and 0.0 <= self.face_strength <= 1.0):
             raise ConfigError(f"presets.{self.name}.face_strength: {self.face_strength!r} is not a number in [0, 1]")
@@ -113,6 +122,13 @@ class Preset:
 
 
 PRESET_FACE_MATCH_KEYS = ("face_strength", "face_colour", "face_texture")
+PRESET_FACE_MODEL_KEYS = ("face_fidelity",)  # what a preset passes its face model
+
+
+def _is_unit_number(value: object) -> bool:
+    """A real number (not a bool) in [0, 1]."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 1.0)
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
@@ -301,8 +317,19 @@ class JobSettings:
 
 # --- users' own model files: [models.NAME] (docs/models.md) ----------------------------------
 
-# What a [models.NAME] table may serve as. Issue 13 adds "face-restorer".
-USER_MODEL_KINDS = ("upscaler",)
+# What a [models.NAME] table may serve as: an upscaler, or a face restorer (an aligned face in,
+# the same face restored at the same size out: GFPGAN, CodeFormer, GPEN, RestoreFormer++).
+FACE_RESTORER = "face-restorer"
+USER_MODEL_KINDS = ("upscaler", FACE_RESTORER)
+# The alignments a face restorer may be trained on (FaceFusion's face_helper WARP_TEMPLATE_SET):
+# FFHQ's 5 points at 512 px (GFPGAN, CodeFormer, GPEN-BFR-512, RestoreFormer++), and the
+# arcface 128 layout (GPEN-BFR-256). chaoqing.gateway.stages.enhance_faces holds their points.
+FACE_TEMPLATES = ("ffhq-512", "arcface-128")
+DEFAULT_FACE_TEMPLATE = "ffhq-512"
+FACE_RESTORER_RUNTIMES = ("onnxruntime", "torch")  # chaoqing.modelserver.runners.face_restorer
+# FaceFusion's face_enhancer_weight default: CodeFormer's fidelity between quality (0) and identity (1)
+DEFAULT_FACE_FIDELITY = 0.5
+MAX_FACE_INPUT_SIZE = 2048  # GPEN-BFR-2048, the largest published face restorer
 # A model file's suffix → the runtimes that load it, the default first: PyTorch files go through
 # spandrel (it recognises the architecture from the state dict), ONNX through ONNX Runtime or
 # OpenVINO, ncnn's .param with the .bin of the same stem beside it.
@@ -319,7 +346,9 @@ UNKNOWN_LICENSE = "user-supplied, license unknown"
 USER_SOURCE = "user-supplied file"
 USER_COMMERCIAL_USE = ("yes", "no", "unverified")  # as the bundled models' cards say it
 _USER_MODEL_KEYS = ("path", "kind", "runtime", "scale", "license", "source", "commercial_use", "purpose",
-                    "tile_size", "tile_context")
+                    "tile_size", "tile_context", "template", "input_size", "weight")
+_UPSCALER_ONLY_KEYS = ("tile_size", "tile_context")
+_FACE_RESTORER_ONLY_KEYS = ("template", "input_size", "weight")
 _RESERVED_MODEL_PREFIX = "sim-"  # chaoqing.modelserver.runners' simulators
 MAX_USER_MODEL_SCALE = 16  # generous: published single-image upscalers go to ×8
 
@@ -338,7 +367,11 @@ class UserModel:
     - ``license``, ``source``, ``commercial_use``, ``purpose``: what ``chaoqing models`` and
       the model's metadata say about it; the weights' terms are the user's to know.
     - ``tile_size``, ``tile_context``: input pixels per tile and of context around it; 0 is
-      the model server's default for the architecture.
+      the model server's default for the architecture (upscalers only).
+    - ``template``, ``input_size``, ``weight`` (face restorers only): the alignment the model is
+      trained on (:data:`FACE_TEMPLATES`, ``""``: ``ffhq-512``), the side of the square face
+      it takes (0: what the file declares, else 512) and the default fidelity weight, in
+      [0, 1], of a model with a ``weight`` input (CodeFormer's).
 
     Raises ConfigError, naming the key, for a value that cannot be right (before any file is
     opened; :meth:`check_files` looks at the disk).
@@ -355,6 +388,9 @@ class UserModel:
     purpose: str = ""
     tile_size: int = 0
     tile_context: int = 0
+    template: str = ""
+    input_size: int = 0
+    weight: float = DEFAULT_FACE_FIDELITY
 
     def __post_init__(self) -> None:
         where = f"models.{self.name}"
@@ -381,6 +417,29 @@ class UserModel:
                 raise ConfigError(f"{where}.{key}: must be 0 (from the model) or positive")
         if self.scale > MAX_USER_MODEL_SCALE:
             raise ConfigError(f"{where}.scale: {self.scale} is more than {MAX_USER_MODEL_SCALE}")
+        self._check_kind_keys(where)
+
+    def _check_kind_keys(self, where: str) -> None:
+        """The keys only one kind takes are left at their defaults by the other."""
+        other_kind_keys = _UPSCALER_ONLY_KEYS if self.kind == FACE_RESTORER else _FACE_RESTORER_ONLY_KEYS
+        for key in other_kind_keys:
+            if getattr(self, key) != getattr(UserModel, key):
+                raise ConfigError(f"{where}.{key}: kind = \"{self.kind}\" takes no {key}")
+        if self.kind != FACE_RESTORER:
+            return
+        if not self.template:
+            object.__setattr__(self, "template", DEFAULT_FACE_TEMPLATE)
+        elif self.template not in FACE_TEMPLATES:
+            raise ConfigError(f"{where}.template: {self.template!r} is not one of {', '.join(FACE_TEMPLATES)}")
+        if self.runtime not in FACE_RESTORER_RUNTIMES:
+            raise ConfigError(f"{where}.runtime: a face restorer runs on {' or '.join(FACE_RESTORER_RUNTIMES)} "
+                              f"(.onnx, .pth, .safetensors), not {self.runtime}")
+        if self.scale > 1:
+            raise ConfigError(f"{where}.scale: a face restorer gives the face at the size it takes (scale 1)")
+        if not 0 <= self.input_size <= MAX_FACE_INPUT_SIZE:
+            raise ConfigError(f"{where}.input_size: {self.input_size} is not 0 (the file's) to {MAX_FACE_INPUT_SIZE}")
+        if not _is_unit_number(self.weight):
+            raise ConfigError(f"{where}.weight: {self.weight!r} is not a number in [0, 1]")
 
     @property
     def suffix(self) -> str:
@@ -430,7 +489,12 @@ def _parse_user_models(raw: Any) -> dict[str, UserModel]:
             raise ConfigError(f"models.{name}: unknown key(s) {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for key, value in table.items():
-            number = key in ("scale", "tile_size", "tile_context")
+            number = key in ("scale", "tile_size", "tile_context", "input_size")
+            if key == "weight":
+                if not _is_unit_number(value):
+                    raise ConfigError(f"models.{name}.weight: {value!r} is not a number in [0, 1]")
+                values[key] = float(value)
+                continue
             if isinstance(value, bool) or not isinstance(value, int if number else str):
                 raise ConfigError(f"models.{name}.{key}: {value!r} is not {'an integer' if number else 'a string'}")
             values[key] = value
@@ -454,7 +518,7 @@ def user_models_toml(models: Iterable[UserModel]) -> str:
             value = getattr(model, key)
             if key == "path":
                 value = str(Path(value).absolute())
-            lines.append(f"{key} = {value if isinstance(value, int) else _toml_string(value)}")
+            lines.append(f"{key} = {value if isinstance(value, (int, float)) else _toml_string(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -657,7 +721,8 @@ def _parse_presets(raw: Any) -> dict[str, Preset]:
     for name, table in raw.items():
         if not isinstance(table, Mapping):
             raise ConfigError(f"presets.{name}: must be a table")
-        unknown = set(table) - {"upscaler", "face_model", "description", *PRESET_FACE_MATCH_KEYS}
+        unknown = set(table) - {"upscaler", "face_model", "description", *PRESET_FACE_MATCH_KEYS,
+                                *PRESET_FACE_MODEL_KEYS}
         if unknown:
             raise ConfigError(f"presets.{name}: unknown key(s) {', '.join(sorted(unknown))}")
         base = presets.get(name)
@@ -666,7 +731,7 @@ def _parse_presets(raw: Any) -> dict[str, Preset]:
             raise ConfigError(f"presets.{name}.upscaler: a model name is required")
         face_model = table.get("face_model", base.face_model if base else None) or None
         face_match = {key: table.get(key, getattr(base, key) if base else getattr(Preset, key))
-                      for key in PRESET_FACE_MATCH_KEYS}
+                      for key in (*PRESET_FACE_MATCH_KEYS, *PRESET_FACE_MODEL_KEYS)}
         presets[str(name)] = Preset(str(name), upscaler, None if face_model is None else str(face_model),
                                     str(table.get("description", base.description if base else "")), **face_match)
     return presets

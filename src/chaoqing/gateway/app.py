@@ -139,6 +139,7 @@ def parse_enhance_options(request: falcon.Request, config: Config, request_id: s
         strip_metadata=_parse_bool(request.get_param("strip_metadata"), "strip_metadata", config.encode.strip_metadata),
         strip_gps=_parse_bool(request.get_param("strip_gps"), "strip_gps", config.encode.strip_gps),
         face_strength=_parse_face_strength(request.get_param("face_strength")),
+        face_fidelity=_parse_unit_number(request.get_param("face_fidelity"), "face_fidelity"),
         face_colour=_parse_optional_bool(request.get_param("face_colour"), "face_colour"),
         face_texture=_parse_optional_bool(request.get_param("face_texture"), "face_texture"),
     )
@@ -155,6 +156,19 @@ def _parse_face_strength(raw: str | None) -> float | None:
     if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
         raise InvalidParameter(f"face_strength must be between 0 and 1, not {raw!r}")
     return strength
+
+
+def _parse_unit_number(raw: str | None, name: str) -> float | None:
+    """``name``: a number in [0, 1], or None (the preset's). Raises InvalidParameter."""
+    if raw is None or raw == "":
+        return None
+    try:
+        number = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number between 0 and 1, not {raw!r}") from None
+    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+        raise InvalidParameter(f"{name} must be between 0 and 1, not {raw!r}")
+    return number
 
 
 def _parse_choice(raw: str | None, name: str, choices: tuple[str, ...]) -> str | None:

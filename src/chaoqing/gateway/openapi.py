@@ -228,6 +228,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "upscaled face. Default: the preset's (" + ", ".join(
                             f"{p.name} {p.face_strength:g}" for p in config.presets.values() if p.face_model) + ").",
          "schema": {"type": "number", "minimum": 0, "maximum": 1}},
+        {"name": "face_fidelity", "in": "query",
+         "description": "For a face restorer with a fidelity weight (CodeFormer's): 0 restores most, 1 keeps the "
+                        "input face closest. Default: the preset's, else the model's ([models.NAME] weight, 0.5). "
+                        "Models without the weight ignore it.",
+         "schema": {"type": "number", "minimum": 0, "maximum": 1}},
         {"name": "face_colour", "in": "query",
          "description": "Give each enhanced face the photo's own colours (skin, irises). Default: the preset's.",
          "schema": {"type": "boolean"}},

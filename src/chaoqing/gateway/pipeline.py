@@ -86,6 +86,8 @@ from chaoqing.gateway.stages.enhance_faces import (
     align_face,
     choose_crop_size,
     enhanced_face_from,
+    face_model_inputs,
+    face_model_template,
     face_size_in_image,
 )
 from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
@@ -145,6 +147,7 @@ class EnhanceOptions:
     face_strength: float | None = None  # blend with the background's own face; None: the preset's
     face_colour: bool | None = None  # give faces the photo's colours; None: the preset's
     face_texture: bool | None = None  # give faces the photo's grain; None: the preset's
+    face_fidelity: float | None = None  # a face restorer's fidelity weight; None: the preset's, else the model's
 
 
 class FaceStatus(enum.Enum):
@@ -664,11 +667,17 @@ def _restore_face(
     if eye_distance < request.config.min_eye_distance_px:
         return None
     metadata = face_model.metadata(deadline)
+    model_template = face_model_template(template, metadata.parameters, face_model.name)
+    if model_template is not template:  # a model aligned its own way (arcface 128): its crop's side
+        side = offload(face_size_in_image, face.landmarks, model_template)
     image_input = metadata.find_input("image")  # a plain v2 server may list no tensors: any size then
     fixed = image_input.shape[1] if image_input and len(image_input.shape) == 4 and image_input.shape[1] > 0 else None
     crop_size = choose_crop_size(side, request.background_scale, metadata.scale, fixed, request.config.face_input_size)
-    crop = offload(align_face, request.rgb8, face, template, crop_size)
-    output = face_model.infer({"image": crop.crop[None]}, ["image"], deadline, request_id=request.options.request_id)
+    crop = offload(align_face, request.rgb8, face, model_template, crop_size)
+    preset = request.config.presets[request.options.preset]
+    fidelity = request.options.face_fidelity if request.options.face_fidelity is not None else preset.face_fidelity
+    inputs = face_model_inputs(crop, metadata.find_input("weight") is not None, fidelity)
+    output = face_model.infer(inputs, ["image"], deadline, request_id=request.options.request_id)
     enhanced = enhanced_face_from(crop, output["image"], request.background_scale, face_model.name)
     width, height = request.output_size
     return offload(prepare_face_paste, enhanced, (height, width, 3))

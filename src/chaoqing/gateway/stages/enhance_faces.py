@@ -9,11 +9,22 @@ that takes any size (Real-ESRGAN ×4) gets the smallest multiple of 16 that, aft
 model's scale, covers the face as large as it will appear in the output, between
 ``MIN_CROP_SIZE`` and the configured ``face_input_size``: small faces cost little, large
 ones are bounded.
+
+Template: faces align to FFHQ's 5 points (the detector's convention says where its points land
+in such a crop, :func:`~chaoqing.gateway.stages.detect.alignment_template`), unless the face
+model's metadata names another (``parameters.face_template``, a user's face restorer:
+``arcface-128`` for GPEN-BFR-256); :func:`face_model_template` carries the detector's template
+into that layout.
+
+Inputs: the crop as ``image``; a model that lists a ``weight`` input (CodeFormer's fidelity)
+gets the request's or preset's ``face_fidelity`` there, or its own default when neither says
+(:func:`face_model_inputs`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,16 +34,50 @@ from chaoqing.errors import BadModelResponse
 from chaoqing.gateway.stages.composite import EnhancedFace
 from chaoqing.gateway.stages.detect import DetectedFace
 from chaoqing.gateway.stages.face_geometry import (
+    FFHQ_TEMPLATE_512,
     TEMPLATE_SIZE,
     estimate_affine_matrix,
     invert_affine_matrix,
     warp_face_by_landmarks,
 )
 
-__all__ = ["MIN_CROP_SIZE", "FaceCrop", "align_face", "choose_crop_size", "enhanced_face_from", "face_size_in_image"]
+__all__ = [
+    "FACE_MODEL_TEMPLATES",
+    "MIN_CROP_SIZE",
+    "FaceCrop",
+    "align_face",
+    "choose_crop_size",
+    "enhanced_face_from",
+    "face_model_inputs",
+    "face_model_template",
+    "face_size_in_image",
+]
 
 MIN_CROP_SIZE = 64
 CROP_MULTIPLE = 16
+
+# FaceFusion face_helper WARP_TEMPLATE_SET['arcface_128'] (fractions of the crop's side) at 512 px:
+# the layout GPEN-BFR-256 is trained on, tighter around the face than FFHQ's.
+ARCFACE_128_TEMPLATE_512 = np.array(
+    [
+        [0.36167656, 0.40387734],
+        [0.63696719, 0.40235469],
+        [0.50019687, 0.56044219],
+        [0.38710391, 0.72160547],
+        [0.61507734, 0.72034453],
+    ],
+    dtype=np.float64,
+) * TEMPLATE_SIZE
+ARCFACE_128_TEMPLATE_512.setflags(write=False)
+
+# A face model's metadata ``face_template`` → where FFHQ's 5 points (eye centres, nose tip, mouth
+# corners) lie in its 512 px crop (chaoqing.config.FACE_TEMPLATES names the same).
+FACE_MODEL_TEMPLATES: Mapping[str, npt.NDArray[np.float64]] = {
+    "ffhq-512": FFHQ_TEMPLATE_512,
+    "arcface-128": ARCFACE_128_TEMPLATE_512,
+}
+FACE_TEMPLATE_PARAMETER = "face_template"
+WEIGHT_INPUT = "weight"
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,3 +139,38 @@ def enhanced_face_from(
     model_scale = height / side
     inverse = invert_affine_matrix(crop.affine_matrix, background_scale, model_scale)
     return EnhancedFace(model_output[0], inverse, background_scale, crop.face_index)
+
+
+def face_model_template(
+    detector_template: npt.NDArray[np.float64], parameters: Mapping[str, object], model_name: str
+) -> npt.NDArray[np.float64]:
+    """The 512 px template the detector's landmarks align to for this face model.
+
+    ``detector_template`` (where the detector's points land in an FFHQ crop) itself when the
+    model names no template or ``ffhq-512``; else the model's layout: its points when the
+    detector's are FFHQ's own, otherwise the detector's template carried by the similarity
+    that takes FFHQ's points to the model's.
+
+    Raises BadModelResponse for a template name the gateway does not know.
+    """
+    name = parameters.get(FACE_TEMPLATE_PARAMETER)
+    if name is None or name == "ffhq-512":
+        return detector_template
+    target = FACE_MODEL_TEMPLATES.get(name) if isinstance(name, str) else None
+    if target is None:
+        raise BadModelResponse(f"face model {model_name}: face_template {name!r} is not one of "
+                               f"{', '.join(FACE_MODEL_TEMPLATES)}")
+    if np.array_equal(detector_template, FFHQ_TEMPLATE_512):
+        return target
+    ffhq_to_model = estimate_affine_matrix(FFHQ_TEMPLATE_512, target)
+    carried: npt.NDArray[np.float64] = detector_template @ ffhq_to_model[:, :2].T + ffhq_to_model[:, 2]
+    return carried
+
+
+def face_model_inputs(crop: FaceCrop, takes_weight: bool, fidelity: float | None) -> dict[str, np.ndarray]:
+    """The face model's inputs: the crop as ``image`` [1,S,S,3]; and ``weight`` FP32 [1,1] when
+    the model takes one and a fidelity is asked for (else the model's own default applies)."""
+    inputs: dict[str, np.ndarray] = {"image": crop.crop[None]}
+    if takes_weight and fidelity is not None:
+        inputs[WEIGHT_INPUT] = np.array([[fidelity]], dtype=np.float32)
+    return inputs

@@ -7,7 +7,8 @@ OmniSR, PLKSR and some 40 more — and builds the network with the file's hyper-
 output channels, ``purpose`` (``SR``, ``Restoration``, ``FaceSR``), size requirements (a
 multiple of a window size, a minimum) and whether it takes fp16; calling it pads the input to
 those requirements and crops the output back. ``spandrel_extra_arches``, when installed, adds
-its architectures (SRFormer, and the face restorers CodeFormer and others, for later).
+its architectures (SRFormer, and the face restorer CodeFormer; face models are served by
+:mod:`chaoqing.modelserver.runners.face_restorer`, checked by :func:`check_face_restorer`).
 
 Files are read with spandrel's restricted unpickler (state dicts of tensors only, no code),
 ``.safetensors`` with safetensors.
@@ -43,6 +44,8 @@ from chaoqing.modelserver.runners.torch_backend import TorchBackend, TorchOption
 __all__ = [
     "SPANDREL_INSTALL_HINT",
     "SpandrelModule",
+    "check_face_restorer",
+    "check_upscaler",
     "create_spandrel_backend",
     "import_spandrel",
     "load_descriptor",
@@ -56,6 +59,7 @@ SPANDREL_INSTALL_HINT = ("pip install 'chaoqing[spandrel]' && pip install --no-d
 RGB_CHANNELS = 3
 # what a model of kind "upscaler" may be, by spandrel's purpose: super-resolution, or a 1× restorer
 UPSCALER_PURPOSES = ("SR", "Restoration")
+FACE_PURPOSE = "FaceSR"  # what a model of kind "face-restorer" is (chaoqing.modelserver.runners.face_restorer)
 TORCHVISION_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
 
 
@@ -173,6 +177,20 @@ def check_upscaler(descriptor: Any, path: Path, where: str) -> None:
     if descriptor.input_channels != RGB_CHANNELS or descriptor.output_channels != RGB_CHANNELS:
         raise RunnerError(f"{where}: {path} is a {architecture} model from {descriptor.input_channels} to "
                           f"{descriptor.output_channels} channels; chaoqing's upscalers take RGB to RGB (3 to 3)")
+
+
+def check_face_restorer(descriptor: Any, path: Path, where: str) -> None:
+    """Raises RunnerError unless ``descriptor`` is an RGB → RGB face model (spandrel's purpose
+    ``FaceSR``: GFPGAN, RestoreFormer, CodeFormer) at scale 1."""
+    architecture = descriptor.architecture.name
+    purpose = getattr(descriptor, "purpose", type(descriptor).__name__)
+    if not isinstance(descriptor, _image_descriptor_class()) or purpose != FACE_PURPOSE:
+        raise RunnerError(f"{where}: {path} is a {architecture} model for {purpose}, not a face restorer "
+                          f"(kind = \"face-restorer\" takes {FACE_PURPOSE} models: GFPGAN, CodeFormer, RestoreFormer)")
+    if descriptor.input_channels != RGB_CHANNELS or descriptor.output_channels != RGB_CHANNELS or descriptor.scale != 1:
+        raise RunnerError(f"{where}: {path} is a {architecture} model from {descriptor.input_channels} to "
+                          f"{descriptor.output_channels} channels at ×{descriptor.scale}; a face restorer takes "
+                          f"RGB to RGB (3 to 3) at ×1")
 
 
 def _image_descriptor_class() -> type[Any]:

@@ -14,8 +14,8 @@ file                    runtime         what reads it, and the scale
                                         the scale from a probe call
 ======================  ==============  =====================================================
 
-Each ``kind`` of table has its factory (:data:`_FACTORIES_BY_KIND`; ``upscaler`` today, a face
-restorer's conventions are its own). A ``scale`` in the config is checked against the model's. Everything that can be wrong with a
+Each ``kind`` of table has its factory (:data:`_FACTORIES_BY_KIND`): ``upscaler`` here,
+``face-restorer`` in :mod:`.face_restorer`, whose conventions are FaceFusion's. A ``scale`` in the config is checked against the model's. Everything that can be wrong with a
 file — missing, not a state dict, an architecture spandrel does not know, channels that are not
 RGB, a fixed input size, a scale that is no whole number — is a :class:`RunnerError` in one line
 that starts with the config key and names the file, raised before the model server listens
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chaoqing.config import UserModel
+from chaoqing.config import FACE_RESTORER, UserModel
 from chaoqing.errors import ConfigError, RunnerError
 from chaoqing.modelserver.runners.backends import Backend, check_runtime, parse_device
 from chaoqing.modelserver.runners.base import Runner
@@ -165,9 +165,20 @@ def _create_upscaler(model: UserModel, runtime: str, device_text: str, threads: 
     return UpscalerRunner(description, backend, runtime=runtime, device=device_text, max_batch_size=max_batch_size)
 
 
+def _create_face_restorer(model: UserModel, runtime: str, device_text: str, threads: int,
+                          max_batch_size: int) -> Runner:
+    """A face-restorer file (:mod:`.face_restorer`: FaceFusion's ONNX exports, spandrel's face models)."""
+    from chaoqing.modelserver.runners.face_restorer import create_face_restorer
+
+    return create_face_restorer(model, runtime, parse_device(device_text),
+                                lambda architecture: user_model_card(model, architecture, 1),
+                                threads=threads, max_batch_size=max_batch_size)
+
+
 # what each kind of [models.NAME] is served by (chaoqing.config.USER_MODEL_KINDS)
 _FACTORIES_BY_KIND: Mapping[str, Callable[[UserModel, str, str, int, int], Runner]] = types.MappingProxyType({
     "upscaler": _create_upscaler,
+    FACE_RESTORER: _create_face_restorer,
 })
 
 
