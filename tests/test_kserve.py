@@ -182,3 +182,14 @@ def test_the_gateway_tiles_through_kserve_as_through_its_own_server(
     image_own, _ = _enhance(start_gateway(own.url), wide, scale=1.5)  # type: ignore[attr-defined]
     assert image_kserve.shape == image_own.shape == (480, 480, 3)
     assert _max_difference(image_kserve, image_own) <= 1
+
+
+def test_the_launcher_refuses_settings_it_does_not_know() -> None:
+    from chaoqing.errors import RunnerError
+    from chaoqing.interop.hosted import build_runner
+    from chaoqing.interop.kserve_model import main
+
+    with pytest.raises(RunnerError, match="unknown setting"):
+        build_runner("sim-face", {"thread": 2})
+    with pytest.raises(SystemExit):  # argparse: --option NAME must be a runner setting
+        main(["--model", "sim-face", "--http-port", "1", "--option", "colour=red"])
