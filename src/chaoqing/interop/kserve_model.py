@@ -216,6 +216,8 @@ def serve(models: Sequence[str], *, http_port: int, host: str = DEFAULT_HOST,
 
 
 def _option(text: str) -> tuple[str, Any]:
+    """``--option NAME=VALUE`` as (NAME, VALUE parsed as JSON where it parses); raises
+    ArgumentTypeError for a NAME that is not a runner setting."""
     name, equals, value = text.partition("=")
     if not equals or name not in RUNNER_SETTING_NAMES:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(RUNNER_SETTING_NAMES)}")
@@ -226,8 +228,13 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m chaoqing.interop.kserve_model --model NAME [--model NAME ...] --http-port P``."""
-    parser = argparse.ArgumentParser(prog="python -m chaoqing.interop.kserve_model", description=__doc__.split("\n")[0])
+    """``python -m chaoqing.interop.kserve_model --model NAME [--model NAME ...] --http-port P``.
+
+    Raises SystemExit for arguments it does not take (argparse), RunnerError when a model cannot
+    be built, OSError when the port cannot be bound.
+    """
+    parser = argparse.ArgumentParser(prog="python -m chaoqing.interop.kserve_model",
+                                     description="Serve chaoqing models from KServe's model server.")
     parser.add_argument("--model", action="append", required=True, help="a chaoqing model to serve (repeatable)")
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--host", default=DEFAULT_HOST)
