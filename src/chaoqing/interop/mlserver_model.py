@@ -58,8 +58,8 @@ from mlserver.types import (
     ResponseOutput,
 )
 
-from chaoqing.errors import ChaoqingError, InvalidTensorRequest, RunnerError
-from chaoqing.modelserver.runners import RunnerSettings, create_runner
+from chaoqing.errors import ChaoqingError, InvalidTensorRequest
+from chaoqing.interop.hosted import MODEL_SETTING, build_runner, check_inputs, chosen_outputs
 from chaoqing.modelserver.runners.base import Runner
 from chaoqing.protocol import v2
 
@@ -68,22 +68,8 @@ __all__ = ["IMPLEMENTATION", "ChaoqingModel", "write_repository"]
 _log = logging.getLogger("chaoqing.interop.mlserver")
 
 IMPLEMENTATION = f"{__name__}.ChaoqingModel"  # model-settings.json's "implementation"
-RUNNER_SETTING_NAMES = (
-    "threads", "runtime", "device", "tile_size", "max_batch_size", "detector_upsample", "detector_threshold",
-    "model_options",  # the simulators' own: {"latency_ms": "0"} (tests, `chaoqing bench overhead --target`)
-)
-MODEL_SETTING = "model"  # extra.model: the chaoqing model, when the MLServer name differs
-MAX_INPUT_PIXELS = 16_777_216  # per call, as chaoqing's model server (ModelServerOptions.max_input_pixels)
 HTTP_BAD_REQUEST = 400
 HTTP_INTERNAL_ERROR = 500
-
-
-def _runner_settings(extra: Mapping[str, Any]) -> RunnerSettings:
-    """RunnerSettings from a model's ``parameters.extra``; raises RunnerError for unknown keys."""
-    unknown = sorted(set(extra) - {*RUNNER_SETTING_NAMES, MODEL_SETTING})
-    if unknown:
-        raise RunnerError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(RUNNER_SETTING_NAMES)}")
-    return RunnerSettings(**{name: extra[name] for name in RUNNER_SETTING_NAMES if name in extra})
 
 
 class ChaoqingModel(MLModel):  # type: ignore[misc]
@@ -101,10 +87,9 @@ class ChaoqingModel(MLModel):  # type: ignore[misc]
         parameters = self.settings.parameters
         extra = dict((parameters.extra if parameters is not None else None) or {})
         model = str(extra.get(MODEL_SETTING, self.name))
-        settings = _runner_settings(extra)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chaoqing-{model}")
         loop = asyncio.get_running_loop()
-        self._runner = await loop.run_in_executor(self._executor, create_runner, model, settings)
+        self._runner = await loop.run_in_executor(self._executor, build_runner, self.name, extra)
         _log.info("chaoqing model %s loaded as %s", model, self.name)
         self.ready = True
         return True
@@ -143,15 +128,13 @@ class ChaoqingModel(MLModel):  # type: ignore[misc]
 
         Raises MLServerError: 400 for inputs that do not fit the metadata, 500 when the runner fails.
         """
-        from chaoqing.modelserver.app import validate_inputs
-
         runner, executor = self._loaded()
         try:
             inputs = {item.name: _decode_input(item) for item in payload.inputs}
         except (TypeError, ValueError, OverflowError) as exc:
             raise MLServerError(f"malformed input: {exc}", status_code=HTTP_BAD_REQUEST) from None
         try:
-            validate_inputs(runner.spec, inputs, MAX_INPUT_PIXELS)
+            check_inputs(runner, inputs)
         except InvalidTensorRequest as exc:
             raise MLServerError(str(exc), status_code=HTTP_BAD_REQUEST) from None
         loop = asyncio.get_running_loop()
@@ -159,10 +142,10 @@ class ChaoqingModel(MLModel):  # type: ignore[misc]
             outputs = await loop.run_in_executor(executor, runner.run, inputs)
         except ChaoqingError as exc:
             raise MLServerError(f"model {self.name} failed: {exc}", status_code=HTTP_INTERNAL_ERROR) from None
-        wanted = [item.name for item in payload.outputs or []] or list(outputs)
-        missing = [name for name in wanted if name not in outputs]
-        if missing:
-            raise MLServerError(f"model {self.name} has no output(s) {', '.join(missing)}", status_code=HTTP_BAD_REQUEST)
+        try:
+            wanted = chosen_outputs(self.name, outputs, [item.name for item in payload.outputs or []])
+        except InvalidTensorRequest as exc:
+            raise MLServerError(str(exc), status_code=HTTP_BAD_REQUEST) from None
         return InferenceResponse(
             model_name=self.name, id=payload.id,
             outputs=[_encode_output(name, outputs[name]) for name in wanted],
