@@ -351,19 +351,24 @@ def _serve_workers(config: Any, listener: Any, count: int, config_path: str | No
 
 
 def _wait_for_ready(url: str, timeout_s: float) -> bool:
-    """Whether ``GET url/readyz`` answered 200 within ``timeout_s``."""
-    import urllib.error
-    import urllib.request
+    """Whether ``GET /readyz`` on the workers' own listening socket (``url``: the address this
+    process bound, never one a user gave) answered 200 within ``timeout_s``. A plain socket and
+    one request line: the serving modules import no HTTP client (tests/test_security.py)."""
+    import socket
 
     import gevent
 
+    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    request = f"GET /readyz HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
     ends_at = time.monotonic() + timeout_s
     while time.monotonic() < ends_at:
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2.0) as response:
-                if response.status == 200:
-                    return True
-        except (OSError, urllib.error.URLError):
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0) as connection:
+                connection.sendall(request)
+                status_line = connection.makefile("rb").readline()
+            if status_line.split(b" ", 2)[1:2] == [b"200"]:
+                return True
+        except OSError:
             pass
         gevent.sleep(0.2)
     return False
