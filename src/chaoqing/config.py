@@ -61,6 +61,7 @@ __all__ = [
     "USER_MODEL_KINDS",
     "Config",
     "EncodeSettings",
+    "IdentityGuardSettings",
     "JobSettings",
     "Limits",
     "ModelServerSettings",
@@ -99,6 +100,12 @@ class Preset:
     alone), ``face_colour`` gives it the photo's colours, ``face_texture`` the photo's grain.
     ``face_fidelity`` in [0, 1] is the fidelity ``weight`` a CodeFormer-style face restorer
     takes (1: closest to the input face); None: the model's own default (``[models.NAME] weight``).
+
+    ``identity_guard`` (``chaoqing.gateway.stages.identity``): after the face model, compare the
+    restored face with the input face (dlib's descriptor) and blend it back toward the
+    background's face until they are ``[identity_guard] threshold`` apart or less. None: on
+    when the face model is a face restorer of yours (``kind = "face-restorer"``), off for the
+    bundled upscalers (they do not repaint faces).
     """
 
     name: str
@@ -109,10 +116,13 @@ class Preset:
     face_colour: bool = True
     face_texture: bool = True
     face_fidelity: float | None = None
+    identity_guard: bool | None = None
 
     def __post_init__(self) -> None:
         if self.face_fidelity is not None and not _is_unit_number(self.face_fidelity):
             raise ConfigError(f"presets.{self.name}.face_fidelity: {self.face_fidelity!r} is not a number in [0, 1]")
+        if self.identity_guard is not None and not isinstance(self.identity_guard, bool):
+            raise ConfigError(f"presets.{self.name}.identity_guard: {self.identity_guard!r} is not true or false")
         if not (isinstance(self.face_strength, (int, float)) and not isinstance(self.face_strength, bool)
                 and math.isfinite(self.face_strength) and 0.0 <= self.face_strength <= 1.0):
             raise ConfigError(f"presets.{self.name}.face_strength: {self.face_strength!r} is not a number in [0, 1]")
@@ -129,6 +139,12 @@ def _is_unit_number(value: object) -> bool:
     """A real number (not a bool) in [0, 1]."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and 0.0 <= value <= 1.0)
+
+
+PRESET_IDENTITY_KEY = "identity_guard"
+# dlib's 128-D face descriptor (the model server's `face-descriptor`): served by the detector's
+# model server, so the gateway compares faces without importing dlib
+FACE_DESCRIPTOR = "face-descriptor"
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
@@ -273,6 +289,30 @@ class ModelServerSettings:
     def device_for(self, model: str) -> str:
         """The device ``model``'s server is started with: its entry in ``devices``, else ``device``."""
         return self.devices.get(model, self.device)
+
+
+@dataclass(frozen=True)
+class IdentityGuardSettings:
+    """How the identity guard decides (``[identity_guard]``; chaoqing.gateway.stages.identity).
+
+    - ``threshold``: the largest descriptor distance a guarded face may keep from the input's.
+      dlib's own "same person" line is 0.6; 0.30 is issue 13's target for every enhanced face
+      (Lanczos ×2 alone measures 0.006-0.036, docs/faces.md).
+    - ``max_rounds``: descriptor calls that narrow the strength after the first check fails.
+    - ``candidates_per_round``: blends described in each of those calls (one call, one image).
+    """
+
+    threshold: float = 0.30
+    max_rounds: int = 2
+    candidates_per_round: int = 4
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and 0.0 < self.threshold <= 2.0):
+            raise ConfigError(f"identity_guard.threshold: {self.threshold} is outside (0, 2]")
+        if not 0 <= self.max_rounds <= 8:
+            raise ConfigError(f"identity_guard.max_rounds: {self.max_rounds} is outside 0-8")
+        if not 1 <= self.candidates_per_round <= 16:
+            raise ConfigError(f"identity_guard.candidates_per_round: {self.candidates_per_round} is outside 1-16")
 
 
 @dataclass(frozen=True)
@@ -551,6 +591,7 @@ class Config:
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     model_server: ModelServerSettings = field(default_factory=ModelServerSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
+    identity_guard: IdentityGuardSettings = field(default_factory=IdentityGuardSettings)
     endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: types.MappingProxyType({}))
     presets: Mapping[str, Preset] = field(default_factory=lambda: PRESETS)
     # users' own model files ([models.NAME]): name → UserModel
@@ -580,6 +621,10 @@ class Config:
             raise ConfigError(f"log_format: {self.log_format!r} is not auto, json or text")
         if not isinstance(self.endpoints, types.MappingProxyType):
             object.__setattr__(self, "endpoints", types.MappingProxyType(dict(self.endpoints)))
+        if self.detector in self.endpoints and FACE_DESCRIPTOR not in self.endpoints:
+            # the detector's model server also serves the face descriptor (docs/faces.md)
+            object.__setattr__(self, "endpoints", types.MappingProxyType(
+                {**self.endpoints, FACE_DESCRIPTOR: self.endpoints[self.detector]}))
         if not isinstance(self.presets, types.MappingProxyType):
             object.__setattr__(self, "presets", types.MappingProxyType(dict(self.presets)))
         self._check_user_models()
@@ -606,7 +651,20 @@ class Config:
                     names.append(name)
         if self.detector not in names:
             names.append(self.detector)
+        if any(self.identity_guard_for(preset.name) for preset in presets) and FACE_DESCRIPTOR not in names:
+            names.append(FACE_DESCRIPTOR)
         return tuple(names)
+
+    def identity_guard_for(self, preset_name: str) -> bool:
+        """Whether the preset guards identity by default: its ``identity_guard``, or when that is
+        unset, whether its face model is a face restorer of yours."""
+        preset = self.presets[preset_name]
+        if preset.face_model is None:
+            return False
+        if preset.identity_guard is not None:
+            return preset.identity_guard
+        model = self.models.get(preset.face_model)
+        return model is not None and model.kind == FACE_RESTORER
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (and validated)."""
@@ -620,6 +678,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "remote": RemoteSettings,
     "model_server": ModelServerSettings,
     "jobs": JobSettings,
+    "identity_guard": IdentityGuardSettings,
 }
 
 
@@ -721,7 +780,7 @@ def _parse_presets(raw: Any) -> dict[str, Preset]:
     for name, table in raw.items():
         if not isinstance(table, Mapping):
             raise ConfigError(f"presets.{name}: must be a table")
-        unknown = set(table) - {"upscaler", "face_model", "description", *PRESET_FACE_MATCH_KEYS,
+        unknown = set(table) - {"upscaler", "face_model", "description", PRESET_IDENTITY_KEY, *PRESET_FACE_MATCH_KEYS,
                                 *PRESET_FACE_MODEL_KEYS}
         if unknown:
             raise ConfigError(f"presets.{name}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -733,7 +792,8 @@ def _parse_presets(raw: Any) -> dict[str, Preset]:
         face_match = {key: table.get(key, getattr(base, key) if base else getattr(Preset, key))
                       for key in (*PRESET_FACE_MATCH_KEYS, *PRESET_FACE_MODEL_KEYS)}
         presets[str(name)] = Preset(str(name), upscaler, None if face_model is None else str(face_model),
-                                    str(table.get("description", base.description if base else "")), **face_match)
+                                    str(table.get("description", base.description if base else "")), **face_match,
+                                    identity_guard=table.get(PRESET_IDENTITY_KEY, base.identity_guard if base else None))
     return presets
 
 

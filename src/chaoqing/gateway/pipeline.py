@@ -41,6 +41,7 @@ threadpool. The branches are public building blocks (:func:`prepare_photo`,
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import logging
 import time
@@ -54,7 +55,7 @@ import numpy as np
 import numpy.typing as npt
 from gevent.lock import BoundedSemaphore
 
-from chaoqing.config import Config, Preset
+from chaoqing.config import FACE_DESCRIPTOR, Config, Preset
 from chaoqing.errors import ChaoqingError, DeadlineExceeded
 from chaoqing.gateway.remote import CallObserver, RemoteModel, RemoteModels
 from chaoqing.gateway.stages.composite import (
@@ -92,6 +93,13 @@ from chaoqing.gateway.stages.enhance_faces import (
 )
 from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512
 from chaoqing.gateway.stages.face_match import FaceMatchSettings, match_paste_to_background
+from chaoqing.gateway.stages.identity import (
+    DESCRIPTOR_OUTPUTS,
+    IdentityCheck,
+    describe_side,
+    guard_identity,
+    identity_tiles,
+)
 from chaoqing.gateway.stages.metadata import OutputMetadata, output_metadata
 from chaoqing.gateway.stages.resize import restore_bit_depth
 from chaoqing.gateway.stages.upscale import upscale_image
@@ -113,6 +121,7 @@ __all__ = [
     "enhance_faces",
     "enhance_photo",
     "face_match_settings",
+    "identity_guard_on",
     "finish_photo",
     "join_branches",
     "prepare_photo",
@@ -148,6 +157,7 @@ class EnhanceOptions:
     face_colour: bool | None = None  # give faces the photo's colours; None: the preset's
     face_texture: bool | None = None  # give faces the photo's grain; None: the preset's
     face_fidelity: float | None = None  # a face restorer's fidelity weight; None: the preset's, else the model's
+    identity_guard: bool | None = None  # keep who the face is (stages/identity.py); None: the preset's
 
 
 class FaceStatus(enum.Enum):
@@ -162,12 +172,14 @@ class FaceStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class FaceResult:
-    """One face's outcome: its status, the paste when enhanced, the reason when not."""
+    """One face's outcome: its status, the paste when enhanced, the reason when not, and
+    what the identity guard found when it ran."""
 
     index: int
     status: FaceStatus
     paste: FacePaste | None = None
     reason: str = ""
+    identity: IdentityCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,11 @@ class FacesOutcome:
 
     def count(self, status: FaceStatus) -> int:
         return sum(1 for result in self.results if result.status is status)
+
+    @property
+    def identity_checks(self) -> tuple[dict[str, Any], ...]:
+        """The identity guard's report of each face it checked (docs/faces.md)."""
+        return tuple(result.identity.as_dict(result.index) for result in self.results if result.identity is not None)
 
     @property
     def errors(self) -> tuple[str, ...]:
@@ -377,13 +394,14 @@ def face_match_settings(options: EnhanceOptions, preset: Preset) -> FaceMatchSet
     )
 
 
-def _composite(background: npt.NDArray[Any], pastes: tuple[FacePaste, ...], settings: FaceMatchSettings,
+def _composite(background: npt.NDArray[Any], pastes: tuple[FacePaste, ...], settings: list[FaceMatchSettings],
                background_scale: float) -> npt.NDArray[Any]:
     """Match every face to the background (before any is blended in), then blend them.
     Faces go into the colour channels only; alpha stays the background's. In place: the
     background is this request's own new array, and a copy would cost 3 bytes per output
     pixel (144 MB at 48 MP)."""
-    matched = [match_paste_to_background(paste, background, settings, background_scale)[0] for paste in pastes]
+    matched = [match_paste_to_background(paste, background, face_settings, background_scale)[0]
+               for paste, face_settings in zip(pastes, settings, strict=True)]
     canvas = background if background.flags.writeable else background.copy()
     composite_face_pastes_in_place(canvas, matched)
     return canvas
@@ -463,7 +481,9 @@ def finish_photo(request: PhotoRequest, background: npt.NDArray[Any], faces: Fac
     request.progress.on_stage(ProgressStage.COMPOSITE)
     with timer("composite"):
         settings = face_match_settings(request.options, request.config.presets[request.options.preset])
-        canvas = (offload(_composite, background, faces.pastes, settings, request.background_scale)
+        per_face = [settings if result.identity is None else dataclasses.replace(settings, strength=result.identity.strength)
+                    for result in faces.results if result.paste is not None]  # the guard's strength, where it ran
+        canvas = (offload(_composite, background, faces.pastes, per_face, request.background_scale)
                   if faces.pastes else background)
     request.progress.on_stage(ProgressStage.ENCODE)
     with timer("encode"):
@@ -650,18 +670,18 @@ def enhance_face(
     """One face: align (threadpool), the model, the paste (threadpool). Its own errors make a
     FAILED result rather than fail the request; anything unexpected still raises."""
     try:
-        paste = _restore_face(request, face_model, face, template, deadline)
+        restored = _restore_face(request, face_model, face, template, deadline)
     except ChaoqingError as exc:
         _log.warning("request %s face %d kept as background: %s", request.options.request_id, face.index, exc)
         return FaceResult(face.index, FaceStatus.FAILED, reason=f"face {face.index}: {exc}")
-    if paste is None:
+    if restored is None:
         return FaceResult(face.index, FaceStatus.TOO_SMALL, reason="eyes closer than min_eye_distance_px")
-    return FaceResult(face.index, FaceStatus.ENHANCED, paste=paste)
+    return FaceResult(face.index, FaceStatus.ENHANCED, paste=restored[0], identity=restored[1])
 
 
 def _restore_face(
     request: PhotoRequest, face_model: RemoteModel, face: DetectedFace, template: npt.NDArray[np.float64], deadline: float
-) -> FacePaste | None:
+) -> tuple[FacePaste, IdentityCheck | None] | None:
     side = offload(face_size_in_image, face.landmarks, template)  # an LMEDS fit: ~0.6 ms, off the hub
     eye_distance = side * _TEMPLATE_EYE_DISTANCE_FRACTION
     if eye_distance < request.config.min_eye_distance_px:
@@ -679,8 +699,44 @@ def _restore_face(
     inputs = face_model_inputs(crop, metadata.find_input("weight") is not None, fidelity)
     output = face_model.infer(inputs, ["image"], deadline, request_id=request.options.request_id)
     enhanced = enhanced_face_from(crop, output["image"], request.background_scale, face_model.name)
+    identity = _check_identity(request, face, template, side, enhanced.enhanced_crop, deadline)
     width, height = request.output_size
-    return offload(prepare_face_paste, enhanced, (height, width, 3))
+    return offload(prepare_face_paste, enhanced, (height, width, 3)), identity
+
+
+def identity_guard_on(options: EnhanceOptions, config: Config) -> bool:
+    """Whether this request's faces are guarded: its own option, else the preset's."""
+    return config.identity_guard_for(options.preset) if options.identity_guard is None else options.identity_guard
+
+
+def _check_identity(
+    request: PhotoRequest, face: DetectedFace, template: npt.NDArray[np.float64], side: float,
+    restored_crop: npt.NDArray[np.uint8], deadline: float,
+) -> IdentityCheck | None:
+    """The identity guard on one restored face (:mod:`chaoqing.gateway.stages.identity`), in the
+    face's greenlet: None when the request does not guard, or asks for strength 0.
+
+    Raises the descriptor's ModelServerError (the face then keeps the background, as for any
+    failed face) and DegenerateLandmarks."""
+    strength = face_match_settings(request.options, request.config.presets[request.options.preset]).strength
+    if not identity_guard_on(request.options, request.config) or strength == 0.0:
+        return None
+    descriptor = request.remotes[FACE_DESCRIPTOR]
+
+    def describe(image: npt.NDArray[np.uint8], boxes: npt.NDArray[np.float32],
+                 landmarks: npt.NDArray[np.float32] | None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        inputs = {"image": image, "boxes": boxes, **({} if landmarks is None else {"landmarks": landmarks})}
+        answer = descriptor.infer(inputs, DESCRIPTOR_OUTPUTS, deadline, request_id=request.options.request_id)
+        return answer["descriptors"], answer["landmarks"]
+
+    with request.timer("identity"):
+        tiles = offload(identity_tiles, request.rgb8, face.landmarks, template, restored_crop, describe_side(side))
+        check = guard_identity(tiles, strength, request.config.identity_guard, describe, offload)
+    if check.guarded:
+        _log.info("request %s face %d: identity distance %.3f > %.2f, strength %.2f → %.2f (distance %.3f)",
+                  request.options.request_id, face.index, check.distance_before, check.threshold,
+                  check.requested_strength, check.strength, check.distance_after)
+    return check
 
 
 # The two eyes of the FFHQ template are this fraction of the crop's side apart
