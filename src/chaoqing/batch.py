@@ -82,6 +82,7 @@ class BatchJob:
     face_colour: bool | None = None
     face_texture: bool | None = None
     face_fidelity: float | None = None  # a face restorer's fidelity weight; None: the preset's, else the model's
+    identity_guard: bool | None = None  # None: the preset's (the server's, with server)
 
 
 @dataclass
@@ -202,10 +203,14 @@ def _read_photo(path: Path, limit: int) -> bytes:
 
 
 def _models_for(job: BatchJob) -> tuple[str, ...]:
-    """The models this job calls: no detector when faces are off or the preset has no face model."""
+    """The models this job calls: no detector when faces are off or the preset has no face model;
+    the face descriptor when --identity-guard asks for it."""
+    from chaoqing.config import FACE_DESCRIPTOR
+
     preset = job.config.presets[job.preset]
     if job.faces and preset.face_model:
-        return job.config.models_needed(job.preset)
+        needed = job.config.models_needed(job.preset)
+        return (*needed, FACE_DESCRIPTOR) if job.identity_guard and FACE_DESCRIPTOR not in needed else needed
     return (preset.upscaler,)
 
 
@@ -301,7 +306,8 @@ class _LocalRunner:
         options = EnhanceOptions(job.scale, job.faces, job.preset, job.output_format, job.quality,
                                  strip_metadata=job.strip_metadata, strip_gps=job.strip_gps,
                                  face_strength=job.face_strength, face_colour=job.face_colour,
-                                 face_texture=job.face_texture, face_fidelity=job.face_fidelity)
+                                 face_texture=job.face_texture, face_fidelity=job.face_fidelity,
+                                 identity_guard=job.identity_guard)
         upscaler = job.config.presets[job.preset].upscaler
         input_megapixels = size[0] * size[1] / MEGAPIXEL
         faces = bool(job.faces and job.config.presets[job.preset].face_model)
@@ -379,7 +385,8 @@ class _ServerRunner:
         if job.quality:
             query["quality"] = job.quality
         for name, value in (("strip_metadata", job.strip_metadata), ("strip_gps", job.strip_gps),
-                            ("face_colour", job.face_colour), ("face_texture", job.face_texture)):
+                            ("face_colour", job.face_colour), ("face_texture", job.face_texture),
+                            ("identity_guard", job.identity_guard)):
             if value is not None:
                 query[name] = str(value).lower()
         if job.face_strength is not None:

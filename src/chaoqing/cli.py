@@ -410,6 +410,9 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
               help="Give enhanced faces the photo's own colours.  [default: the preset's, on]")
 @click.option("--face-texture/--no-face-texture", "face_texture", default=None,
               help="Continue the photo's grain into enhanced faces.  [default: the preset's, on]")
+@click.option("--identity-guard/--no-identity-guard", "identity_guard", default=None,
+              help="Blend a restored face back toward the photo's own face until dlib's face descriptor says it is "
+                   "the same person ([identity_guard] threshold).  [default: the preset's: on for face restorers]")
 @click.option("--server", default=None, metavar="URL",
               help="Use a running gateway instead of local model servers (each photo sent as a job, with its progress).")
 @click.option("--api-key", default=None, envvar="CHAOQING_API_KEY", help="API key for --server (or CHAOQING_API_KEY).")
@@ -422,7 +425,8 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
               help="How much to log (stderr).")
 def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, preset: str | None, no_faces: bool,
             output_format: str | None, quality: int | None, strip_metadata: bool | None, strip_gps: bool | None,
-            face_strength: float | None, face_fidelity: float | None, face_colour: bool | None, face_texture: bool | None, server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
+            face_strength: float | None, face_fidelity: float | None, face_colour: bool | None, face_texture: bool | None,
+            identity_guard: bool | None, server: str | None, api_key: str | None, jobs: int, recursive: bool, overwrite: bool,
             config_path: str | None, log_level: str) -> None:
     """Enhance photos: files or folders of them.
 
@@ -457,6 +461,7 @@ def enhance(inputs: tuple[Path, ...], output: Path | None, scale: float | None, 
         quality=quality, server=server, api_key=api_key, concurrency=jobs, overwrite=overwrite,
         strip_metadata=strip_metadata, strip_gps=strip_gps,
         face_strength=face_strength, face_colour=face_colour, face_texture=face_texture, face_fidelity=face_fidelity,
+        identity_guard=identity_guard,
     )
     summary = run_batch(planned, job)
     sys.exit(0 if summary.failed == 0 else 1)

@@ -33,7 +33,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -142,6 +142,7 @@ def parse_enhance_options(request: falcon.Request, config: Config, request_id: s
         face_fidelity=_parse_unit_number(request.get_param("face_fidelity"), "face_fidelity"),
         face_colour=_parse_optional_bool(request.get_param("face_colour"), "face_colour"),
         face_texture=_parse_optional_bool(request.get_param("face_texture"), "face_texture"),
+        identity_guard=_parse_optional_bool(request.get_param("identity_guard"), "identity_guard"),
     )
 
 
@@ -468,6 +469,7 @@ class EnhanceResource:
                     bytes_out=len(result.data),
                     faces_detected=None if result.face_detection_skipped else result.faces_detected,
                     faces_enhanced=result.faces_enhanced, faces_over_limit=result.faces_over_limit,
+                    faces_identity_guarded=sum(1 for check in result.faces.identity_checks if check["guarded"]),
                     stages_ms={stage: round(seconds * 1000, 1) for stage, seconds in result.timings.items()},
                 )
             if error_code:
@@ -478,15 +480,15 @@ class EnhanceResource:
         response.data = result.data
         _set_photo_headers(response, result.timings, result.face_detection_skipped,
                            (result.faces_detected, result.faces_enhanced, result.faces_over_limit),
-                           (result.width, result.height))
+                           (result.width, result.height), result.faces.identity_checks)
 
 
 def _set_photo_headers(
     response: falcon.Response, timings: Mapping[str, float], face_detection_skipped: bool,
-    faces: tuple[int, int, int], size: tuple[int, int],
+    faces: tuple[int, int, int], size: tuple[int, int], identity: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """The headers of an enhanced photo (from /v1/enhance, or a job's result). ``faces``:
-    detected, enhanced, over the limit."""
+    detected, enhanced, over the limit; ``identity``: the identity guard's per-face report."""
     response.set_header("Server-Timing", _server_timing(timings))
     # faces off, or a preset without a face model: say so, rather than claim 0 faces were found
     response.set_header("X-Face-Detection", "skipped" if face_detection_skipped else "done")
@@ -494,11 +496,14 @@ def _set_photo_headers(
         response.set_header("X-Faces-Detected", str(faces[0]))
         response.set_header("X-Faces-Enhanced", str(faces[1]))
         response.set_header("X-Faces-Over-Limit", str(faces[2]))
+    if identity:
+        response.set_header("X-Faces-Identity-Guarded", str(sum(1 for check in identity if check["guarded"])))
+        response.set_header("X-Faces-Identity", json.dumps(list(identity), separators=(",", ":")))
     response.set_header("X-Output-Size", f"{size[0]}x{size[1]}")
     response.set_header(
         "Access-Control-Expose-Headers",
         "Server-Timing, X-Face-Detection, X-Faces-Detected, X-Faces-Enhanced, X-Faces-Over-Limit, X-Request-Id, "
-        "X-Output-Size, Location",
+        "X-Output-Size, X-Faces-Identity-Guarded, X-Faces-Identity, Location",
     )
     response.set_header("Timing-Allow-Origin", "*")
 
@@ -564,7 +569,7 @@ class JobResultResource:
         _set_photo_headers(response, {stage: ms / 1000 for stage, ms in result.timings_ms.items()},
                            result.faces_detected is None,
                            (result.faces_detected or 0, result.faces_enhanced, result.faces_over_limit),
-                           (result.width, result.height))
+                           (result.width, result.height), result.faces_identity)
 
 
 class JobEventsResource:

@@ -202,6 +202,7 @@ class JobResult:
     faces_enhanced: int
     faces_over_limit: int
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    faces_identity: tuple[Mapping[str, Any], ...] = ()  # the identity guard's report per face it checked
 
 
 @dataclass(frozen=True)
@@ -1120,6 +1121,7 @@ def _job_result(result: EnhanceResult) -> JobResult:
         faces_enhanced=result.faces_enhanced,
         faces_over_limit=result.faces_over_limit,
         timings_ms={stage: round(seconds * 1000, 1) for stage, seconds in result.timings.items()},
+        faces_identity=result.faces.identity_checks,
     )
 
 

@@ -191,12 +191,28 @@ def _job_schemas() -> dict[str, Any]:
                         "faces_enhanced": {"type": "integer"},
                         "faces_over_limit": {"type": "integer"},
                         "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+                        "faces_identity": {"type": "array", "items": IDENTITY_CHECK_SCHEMA,
+                                           "description": "the identity guard's report per face it checked"},
                     }}]},
                 "links": {"type": "object", "required": ["self", "result", "events"], "properties": {
                     "self": {"type": "string"}, "result": {"type": "string"}, "events": {"type": "string"}}},
             },
         },
     }
+
+
+IDENTITY_CHECK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["face", "guarded", "distance_before", "distance_after", "strength", "requested_strength"],
+    "properties": {
+        "face": {"type": "integer", "description": "the face's index in the detector's answer"},
+        "guarded": {"type": "boolean", "description": "blended back: strength is below requested_strength"},
+        "distance_before": {"type": "number", "description": "descriptor distance at the requested strength"},
+        "distance_after": {"type": "number", "description": "descriptor distance at the strength applied"},
+        "strength": {"type": "number", "description": "the face strength it was composited with"},
+        "requested_strength": {"type": "number"},
+    },
+}
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
@@ -239,6 +255,14 @@ def openapi_document(config: Config) -> dict[str, Any]:
         {"name": "face_texture", "in": "query",
          "description": "Continue the photo's grain into each enhanced face. Default: the preset's.",
          "schema": {"type": "boolean"}},
+        {"name": "identity_guard", "in": "query",
+         "description": "Compare each restored face with the input face (dlib's face descriptor) and blend it "
+                        "back toward the background's face until their distance is at most "
+                        f"{config.identity_guard.threshold:g} ([identity_guard] threshold). Default: the preset's "
+                        "(on for presets whose face model is a face restorer: " + (", ".join(
+                            p.name for p in config.presets.values() if config.identity_guard_for(p.name)) or "none here")
+                        + "). The X-Faces-Identity headers report it per face.",
+         "schema": {"type": "boolean"}},
         {"name": "X-Request-Id", "in": "header", "required": False,
          "description": "Echoed back when it is 1-64 characters of [A-Za-z0-9._:-]; generated otherwise.",
          "schema": {"type": "string"}},
@@ -256,6 +280,14 @@ def openapi_document(config: Config) -> dict[str, Any]:
                              "schema": {"type": "string"}},
         "X-Faces-Over-Limit": {"description": "Faces beyond limits.max_faces (the smallest), kept as background",
                                "schema": {"type": "string"}},
+        "X-Faces-Identity-Guarded": {"description": "With identity_guard: faces blended back toward the background "
+                                                    "because the restored face was too far from the input's "
+                                                    "(absent when the guard checked no face)",
+                                     "schema": {"type": "string"}},
+        "X-Faces-Identity": {"description": "With identity_guard: a JSON array, one object per face checked "
+                                            "(face, guarded, distance_before, distance_after, strength, "
+                                            "requested_strength); docs/faces.md",
+                             "schema": {"type": "string"}},
     }
     security: list[dict[str, list[str]]] = [{"bearer": []}] if config.api_keys else []
     upload_body = {

@@ -121,8 +121,8 @@ __all__ = [
     "enhance_faces",
     "enhance_photo",
     "face_match_settings",
-    "identity_guard_on",
     "finish_photo",
+    "identity_guard_on",
     "join_branches",
     "prepare_photo",
     "quiet_expected_errors",
@@ -725,7 +725,9 @@ def _check_identity(
 
     def describe(image: npt.NDArray[np.uint8], boxes: npt.NDArray[np.float32],
                  landmarks: npt.NDArray[np.float32] | None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        inputs = {"image": image, "boxes": boxes, **({} if landmarks is None else {"landmarks": landmarks})}
+        inputs: dict[str, np.ndarray] = {"image": image, "boxes": boxes}
+        if landmarks is not None:
+            inputs["landmarks"] = landmarks
         answer = descriptor.infer(inputs, DESCRIPTOR_OUTPUTS, deadline, request_id=request.options.request_id)
         return answer["descriptors"], answer["landmarks"]
 

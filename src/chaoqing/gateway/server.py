@@ -26,13 +26,13 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 from gevent.socket import socket
 
-from chaoqing.config import Config
+from chaoqing.config import FACE_DESCRIPTOR, Config
 from chaoqing.errors import ModelsNotReady
 from chaoqing.gateway.app import Gateway
 from chaoqing.gateway.metrics import GatewayMetrics
 from chaoqing.gateway.pipeline import quiet_expected_errors
 from chaoqing.gateway.remote import RemoteModels
-from chaoqing.gateway.supervisor import ModelServerSupervisor
+from chaoqing.gateway.supervisor import SIMULATOR_PREFIX, ModelServerSupervisor
 from chaoqing.protocol.listen import QuietHandler, bound_port, create_listener
 
 __all__ = ["MAX_BLOCKING_TIME_S", "GatewayServer", "open_models", "start_hub_watch"]
@@ -60,9 +60,16 @@ def open_models(
     missing = [name for name in needed if name not in config.endpoints]
     supervisor = None
     endpoints = {name: urls for name, urls in config.endpoints.items()}
+    companions: dict[str, tuple[str, ...]] = {}
+    if (config.detector in missing and FACE_DESCRIPTOR not in config.endpoints
+            and not config.detector.startswith(SIMULATOR_PREFIX)):
+        # the detector's child also serves the face descriptor, for the identity guard (a
+        # simulator's child takes sim options, which the descriptor refuses: it gets its own)
+        companions[config.detector] = (FACE_DESCRIPTOR,)
+        missing = [name for name in missing if name != FACE_DESCRIPTOR]
     if missing:
         supervisor = ModelServerSupervisor(missing, config.model_server, log_level=log_level,
-                                           user_models=config.models)
+                                           user_models=config.models, companions=companions)
         supervisor.start()
         endpoints.update(supervisor.endpoints)
     return RemoteModels(endpoints, config.remote, metrics), supervisor

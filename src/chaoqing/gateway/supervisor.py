@@ -14,6 +14,14 @@ stops that child at start-up with one line on stderr saying what to install. Onl
 (a ``sim-*`` model, for tests and benchmarks) also gets ``[model_server]``'s ``sim_latency_ms`` and ``sim_faces``, as
 ``--model-option`` settings of its own. A real model is never started with them.
 
+A child may serve more models than its own (``companions``): the face detector's child also
+serves dlib's face descriptor (``--model centerface --model face-descriptor``), which the
+identity guard calls (:mod:`chaoqing.gateway.stages.identity`). The two are called together,
+per face, and are small (the descriptor is ~20 ms a face on one thread, 22 MB of weights), so
+one process costs less than two — and a remote detector's server, started the same way, is
+where the gateway looks for the descriptor when ``[endpoints]`` names none. The companions
+get the child's runtime and device, which they ignore (dlib runs on the CPU).
+
 A model file of the user's own (``[models.NAME]``, :class:`chaoqing.config.UserModel`) runs on
 its table's runtime: its child gets ``--runtime`` from there and ``--config`` naming a TOML file
 the supervisor writes with that table alone (paths absolute), in a private folder that
@@ -40,7 +48,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,13 +101,15 @@ class _Child:
     restarts: int = 0
     watcher: gevent.Greenlet | None = None
     extra_arguments: tuple[str, ...] = field(default_factory=tuple)
+    companions: tuple[str, ...] = ()  # more models the same process serves
 
 
 class ModelServerSupervisor:
     """Starts and watches one model-server process per model. Hub-thread only."""
 
     def __init__(self, models: Iterable[str], settings: ModelServerSettings, *, log_level: str = "warning",
-                 threads_per_model: int | None = None, user_models: Mapping[str, UserModel] | None = None) -> None:
+                 threads_per_model: int | None = None, user_models: Mapping[str, UserModel] | None = None,
+                 companions: Mapping[str, Sequence[str]] | None = None) -> None:
         self.settings = settings
         self.log_level = log_level
         models = tuple(models)
@@ -112,7 +122,9 @@ class ModelServerSupervisor:
                 threads_per_model = max(1, len(os.sched_getaffinity(0)) // self.compute_slots)
         self.threads_per_model = threads_per_model
         self.compute_slots_directory: Path | None = None  # made by start() when there is a budget
-        self._children = {model: _Child(model) for model in dict.fromkeys(models)}
+        served_along = {name for names in (companions or {}).values() for name in names}
+        self._children = {model: _Child(model, companions=tuple((companions or {}).get(model, ())))
+                          for model in dict.fromkeys(models) if model not in served_along}
         self.user_models = {name: model for name, model in (user_models or {}).items() if name in self._children}
         self.user_models_directory: Path | None = None  # made by start() when a child serves a user model
         self._stopping = False
@@ -120,13 +132,15 @@ class ModelServerSupervisor:
     @property
     def endpoints(self) -> Mapping[str, tuple[str, ...]]:
         """Model name → (URL,), for the gateway's remote client."""
-        return {child.model: (child.url,) for child in self._children.values() if child.url}
+        return {model: (child.url,) for child in self._children.values() if child.url
+                for model in (child.model, *child.companions)}
 
     def _command(self, child: _Child) -> list[str]:
         settings = self.settings
         return [
             sys.executable, "-m", "chaoqing", "model-server",
             "--model", child.model,
+            *(argument for companion in child.companions for argument in ("--model", companion)),
             "--host", "127.0.0.1",
             "--port", str(child.port),
             "--threads", str(self.threads_per_model),
