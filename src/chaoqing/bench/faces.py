@@ -67,10 +67,8 @@ HIGH_PASS_SIGMA = 1.5  # output pixels: keeps grain, skin pores and hair strands
 MIN_BAND_PX = 4
 MASK_INSIDE = 0.99
 EYE_RADIUS_FRACTION = 0.2  # of the eye distance: the iris and the lids round it
-# Where dlib's HOG box sits on an FFHQ-aligned 512 px crop, mean of the 18 faces both detectors
-# found on the sample photos and skimage's astronaut (std ~25 px): the box dlib's shape
-# predictor is given, whatever detector found the face.
-DLIB_BOX_512 = (98.7, 150.6, 405.6, 455.1)
+# Where dlib's shape predictor looks on an aligned face: the identity guard's DLIB_BOX_512
+# (chaoqing.gateway.stages.identity), so the bench and the guard describe faces alike.
 FFHQ_EYES_512 = ((192.98138, 239.94708), (318.90277, 240.1936))
 
 COLUMNS = [
@@ -150,6 +148,7 @@ def _geometry(faces: Sequence[Any], template: npt.NDArray[np.float64], shape: tu
     import numpy as np
 
     from chaoqing.gateway.stages.face_geometry import estimate_affine_matrix
+    from chaoqing.gateway.stages.identity import DLIB_BOX_512
 
     height, width = shape[:2]
     described = []
