@@ -6,6 +6,7 @@
       ├─ spawn: upscale the background (and alpha) ──▶ upscaler model server(s)
       └─ spawn: detect faces ──▶ detector
                └─ per face, spawn: align (threadpool) → enhance ──▶ face model
+                                  → identity guard, when on ──▶ face descriptor
                                   → inverse warp + soft mask (threadpool)
     join under the request deadline; check each greenlet; composite (threadpool); encode (threadpool)
 
@@ -18,6 +19,9 @@ Policies (named, not scattered):
   greenlet still running (the other branch, its faces, their remote calls) is killed;
 - one face failing, or not finishing before ``FACE_DEADLINE_RESERVE`` ahead of the request
   deadline, keeps the background's pixels for that face; the result counts it;
+- with ``identity_guard`` on, a face whose restored version the face descriptor finds too far
+  from the input face is composited at the lower strength the guard found (stages/identity.py);
+  a descriptor call that fails fails that face (it keeps the background: never pasted unchecked);
 - at most ``limits.max_faces`` faces are enhanced, the largest first; the rest keep the
   background and are counted;
 - at the deadline, every greenlet still running is killed.
