@@ -323,3 +323,25 @@ def test_a_descriptor_that_is_not_there_fails_the_face_not_the_photo(
     result = _enhance(config, astronaut[1], preset="guarded")
     assert result.faces_enhanced == 0 and len(result.face_errors) == 1, "kept as background: the safe side"
     assert "face-descriptor" in result.face_errors[0]
+
+
+@pytest.mark.slow
+def test_bench_faces_reports_the_guarded_rows(tmp_path: Any) -> None:
+    from conftest import run_cli
+    from PIL import Image
+    from skimage import data
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()[20:236, 92:308]).save(photo)
+    completed = run_cli("bench", "faces", str(photo), "--preset", "fast", "--face-models", "realesr-animevideov3-x4",
+                        "--scale", "2", "--threads", "2", "--identity-guard", "--json", timeout=280)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    document = json.loads(completed.stdout)
+    rows = {row["model"]: row for row in document["results"]}
+    assert list(rows) == ["lanczos", "realesr-animevideov3-x4", "realesr-animevideov3-x4, guarded"]
+    guarded = rows["realesr-animevideov3-x4, guarded"]
+    assert guarded["guard_strength"] == 1.0 and guarded["guard_distance_after"] <= THRESHOLD, guarded
+    assert guarded["identity"] == pytest.approx(rows["realesr-animevideov3-x4"]["identity"]), "a face that passes"
+    assert document["settings"]["identity_guard"] == THRESHOLD
+    assert any(target["name"] == "realesr-animevideov3-x4, guarded worst identity distance"
+               for target in document["targets"])

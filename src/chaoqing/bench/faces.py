@@ -60,6 +60,7 @@ __all__ = [
 
 LANCZOS = "lanczos"
 UNMATCHED_SUFFIX = ", unmatched"  # --compare-matching rows: the face model's own pixels
+GUARDED_SUFFIX = ", guarded"  # --identity-guard rows: at the strength the identity guard chose
 IDENTITY_TARGET = 0.30
 CONSISTENCY_TARGET_DB = 28.0
 BOUNDARY_TARGET = (0.8, 1.25)
@@ -221,9 +222,27 @@ class _Pipeline:
     def paste(self, model_name: str, rgb: npt.NDArray[np.uint8], face: _Face, background_scale: float,
               output_shape: tuple[int, int, int]) -> Any:
         """The face's FacePaste from this face model, as the gateway makes it (None: too small)."""
+        from chaoqing.gateway.stages.composite import prepare_face_paste
+
+        enhanced = self.restore(model_name, rgb, face, background_scale)
+        return None if enhanced is None else prepare_face_paste(enhanced, output_shape)
+
+    def guard(self, rgb: npt.NDArray[np.uint8], face: _Face, enhanced: Any, strength: float, settings: Any) -> Any:
+        """The identity guard's IdentityCheck for this restored face, as the gateway runs it."""
+        from chaoqing.gateway.stages.identity import describe_side, guard_identity, identity_tiles
+
+        def describe(image: Any, boxes: Any, landmarks: Any) -> Any:
+            inputs = {"image": image, "boxes": boxes, **({} if landmarks is None else {"landmarks": landmarks})}
+            answer = self.descriptor.run(inputs)
+            return answer["descriptors"], answer["landmarks"]
+
+        tiles = identity_tiles(rgb, face.face.landmarks, self.template, enhanced.enhanced_crop, describe_side(face.side))
+        return guard_identity(tiles, strength, settings, describe, lambda function, *arguments: function(*arguments))
+
+    def restore(self, model_name: str, rgb: npt.NDArray[np.uint8], face: _Face, background_scale: float) -> Any:
+        """The face's EnhancedFace from this face model, as the gateway makes it (None: too small)."""
         import numpy as np
 
-        from chaoqing.gateway.stages.composite import prepare_face_paste
         from chaoqing.gateway.stages.enhance_faces import (
             align_face,
             choose_crop_size,
@@ -241,8 +260,7 @@ class _Pipeline:
         crop_size = choose_crop_size(face.side, background_scale, model_scale, fixed, self.config.face_input_size)
         crop = align_face(rgb, face.face, self.template, crop_size)
         output = model.run({"image": crop.crop[None]})["image"]
-        enhanced = enhanced_face_from(crop, output, background_scale, model_name)
-        return prepare_face_paste(enhanced, output_shape)
+        return enhanced_face_from(crop, output, background_scale, model_name)
 
 
 def _measure(output: npt.NDArray[np.uint8], rgb: npt.NDArray[np.uint8], face: _Face, reference: dict[str, Any],
@@ -274,14 +292,19 @@ def _measure(output: npt.NDArray[np.uint8], rgb: npt.NDArray[np.uint8], face: _F
 
 
 def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Sequence[str], scale: float,
-              threads: int, progress: Callable[[str], None], compare_matching: bool = False) -> list[dict[str, Any]]:
-    """One row per face and per model (``lanczos`` first). Raises BenchError, RunnerError."""
+              threads: int, progress: Callable[[str], None], compare_matching: bool = False,
+              identity_guard: bool = False) -> list[dict[str, Any]]:
+    """One row per face and per model (``lanczos`` first); with ``identity_guard`` also each
+    model's faces at the strength the identity guard chose (rows 'MODEL, guarded'). Raises
+    BenchError, RunnerError."""
+    import dataclasses
+
     import numpy as np
 
     from chaoqing.bench.models import _load_rgb
     from chaoqing.errors import BenchError
     from chaoqing.gateway.pipeline import EnhanceOptions, face_match_settings
-    from chaoqing.gateway.stages.composite import composite_face_pastes
+    from chaoqing.gateway.stages.composite import composite_face_pastes, prepare_face_paste
     from chaoqing.gateway.stages.face_match import FaceMatchSettings, match_paste_to_background
 
     if not photos:
@@ -308,28 +331,39 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
             references = [{"descriptor": described["descriptors"][index], "landmarks": described["landmarks"][index]}
                           for index in range(len(faces))]
             outputs: dict[str, tuple[npt.NDArray[np.uint8], list[Any], list[float]]] = {}
+            guard_reports: dict[str, list[Any]] = {}
             from PIL import Image
 
             lanczos = np.asarray(Image.fromarray(rgb).resize((out_width, out_height), Image.Resampling.LANCZOS))
             background = pipeline.background(rgb, out_width, out_height)
             for model_name in face_models:
                 progress(f"{path.name}: {model_name} on {len(faces)} faces")
-                pastes, seconds = [], []
+                pastes, seconds, checks = [], [], []
                 for face in faces:
                     started = time.perf_counter()
-                    pastes.append(pipeline.paste(model_name, rgb, face, background_scale, (out_height, out_width, 3)))
+                    enhanced = pipeline.restore(model_name, rgb, face, background_scale)
+                    pastes.append(None if enhanced is None else prepare_face_paste(enhanced, (out_height, out_width, 3)))
                     seconds.append(time.perf_counter() - started)
-                for label, settings in variants:
+                    checks.append(None if enhanced is None or not identity_guard else
+                                  pipeline.guard(rgb, face, enhanced, variants[0][1].strength, config.identity_guard))
+                guarded_variants = [(GUARDED_SUFFIX, variants[0][1])] if identity_guard else []
+                for label, settings in [*variants, *guarded_variants]:
+                    per_face = [settings if label != GUARDED_SUFFIX or check is None else
+                                dataclasses.replace(settings, strength=check.strength) for check in checks]
                     matched = [None if paste is None else
-                               match_paste_to_background(paste, background, settings, background_scale)[0]
-                               for paste in pastes]
+                               match_paste_to_background(paste, background, face_settings, background_scale)[0]
+                               for paste, face_settings in zip(pastes, per_face, strict=True)]
                     canvas = composite_face_pastes(background, [paste for paste in matched if paste is not None])
                     outputs[model_name + label] = (canvas, matched, seconds)
+                    if label == GUARDED_SUFFIX:
+                        guard_reports[model_name + label] = checks
             first_pastes = outputs[face_models[0]][1] if face_models else [None] * len(faces)
             outputs = {LANCZOS: (lanczos, first_pastes, [math.nan] * len(faces)), **outputs}
             baseline_ratios: dict[int, float] = {}
             for model_name, (canvas, pastes, seconds) in outputs.items():
-                for face, reference, paste, face_seconds in zip(faces, references, pastes, seconds, strict=True):
+                checks = guard_reports.get(model_name, [None] * len(faces))
+                for face, reference, paste, face_seconds, check in zip(faces, references, pastes, seconds, checks,
+                                                                       strict=True):
                     row: dict[str, Any] = {"photo": path.name, "face": face.index, "face_px": face.side, "model": model_name,
                            "enhanced": model_name == LANCZOS or paste is not None, "face_model_s": face_seconds,
                            "box": list(face.box)}
@@ -338,6 +372,9 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
                         baseline_ratios[face.index] = row["boundary_ratio"]
                     baseline = baseline_ratios[face.index]
                     row["boundary_vs_lanczos"] = row["boundary_ratio"] / baseline if baseline > 0 else math.nan
+                    if check is not None:  # the guard's own view: strength chosen, distances it saw
+                        row |= {"guard_strength": check.strength, "guard_distance_before": check.distance_before,
+                                "guard_distance_after": check.distance_after, "guard_calls": check.descriptor_calls}
                     rows.append(row)
     finally:
         pipeline.close()
@@ -390,9 +427,12 @@ def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 @click.option("--compare-matching", is_flag=True,
               help="also each face model's own pixels, without the preset's strength, colour and texture matching "
                    "(rows 'MODEL, unmatched')")
+@click.option("--identity-guard", is_flag=True,
+              help="also each face model's faces at the strength the identity guard chooses ([identity_guard] "
+                   "threshold; rows 'MODEL, guarded', with guard_strength and the guard's distances in the JSON)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the table")
 def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None, face_models: str | None,
-          scale: float | None, threads: int, compare_matching: bool, as_json: bool) -> None:
+          scale: float | None, threads: int, compare_matching: bool, identity_guard: bool, as_json: bool) -> None:
     """Per face and face model: identity, consistency, colour shift and boundary texture."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.bench.models import _photos
@@ -410,10 +450,12 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
     files = [file for path in photos for file in _photos(path)]
     output_scale = scale if scale is not None else config.scale
     rows = run_faces(files, config, preset_name, models, output_scale, threads,
-                     lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching)
+                     lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching,
+                     identity_guard)
     result = Report("faces", command_line(),
                     {"preset": preset_name, "upscaler": config.presets[preset_name].upscaler, "face_models": models,
                      "detector": config.detector, "scale": output_scale, "face_input_size": config.face_input_size,
-                     "threads": threads},
-                    rows, _targets(rows, models), extra={"summary": _summary(rows)})
+                     "threads": threads, "identity_guard": config.identity_guard.threshold if identity_guard else None},
+                    rows, _targets(rows, [*models, *(model + GUARDED_SUFFIX for model in models if identity_guard)]),
+                    extra={"summary": _summary(rows)})
     report(result, COLUMNS, as_json=as_json)
