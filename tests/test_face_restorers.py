@@ -405,8 +405,10 @@ def test_onnx_restorers_paste_through_the_gateway_exactly_what_their_operation_p
     }
     simulators = start_model_server(["sim-detector", "sim-upscale-x2"], sim_faces=1)
     server = start_model_server(list(models), user_models=models, ready_timeout_s=60)
-    presets = {name: Preset(name, "sim-upscale-x2", name) for name in models}
-    presets["codeformer-faithful"] = Preset("codeformer-faithful", "sim-upscale-x2", "codeformer", face_fidelity=0.6)
+    # the restorer's own pixels: no identity guard (on by default for restorers; tests/test_identity_guard.py)
+    presets = {name: Preset(name, "sim-upscale-x2", name, identity_guard=False) for name in models}
+    presets["codeformer-faithful"] = Preset("codeformer-faithful", "sim-upscale-x2", "codeformer", face_fidelity=0.6,
+                                            identity_guard=False)
     config = Config(port=0, detector="sim-detector", preset="gfpgan", models=models, presets=presets,
                     jobs=JobSettings(spool_dir=str(tmp_path / "spool")))
     config = config.replace(endpoints={**{name: (server.url,) for name in models},
@@ -457,7 +459,7 @@ def test_a_spandrel_restorer_pastes_through_the_gateway_what_the_network_gives(
     models = {"restoreformer": face_restorer("restoreformer", path, input_size=64)}
     simulators = start_model_server(["sim-detector", "sim-upscale-x2"], sim_faces=1)
     server = start_model_server(list(models), user_models=models, ready_timeout_s=60)
-    preset = Preset("restore", "sim-upscale-x2", "restoreformer")
+    preset = Preset("restore", "sim-upscale-x2", "restoreformer", identity_guard=False)  # the network's own pixels
     config = Config(port=0, detector="sim-detector", preset="restore", models=models, presets={"restore": preset})
     config = config.replace(endpoints={**{name: (server.url,) for name in models},
                                        **{name: (simulators.url,) for name in ("sim-detector", "sim-upscale-x2")}})

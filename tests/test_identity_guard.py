@@ -345,3 +345,43 @@ def test_bench_faces_reports_the_guarded_rows(tmp_path: Any) -> None:
     assert document["settings"]["identity_guard"] == THRESHOLD
     assert any(target["name"] == "realesr-animevideov3-x4, guarded worst identity distance"
                for target in document["targets"])
+
+
+def test_a_preset_with_a_face_restorer_guards_by_default(tmp_path: Any) -> None:
+    from chaoqing.config import FACE_RESTORER, UserModel
+
+    (tmp_path / "gfpgan.onnx").write_bytes(b"")  # the config checks the file is there, the model server reads it
+    restorer = UserModel("gfpgan", str(tmp_path / "gfpgan.onnx"), kind=FACE_RESTORER, runtime="onnxruntime")
+    presets = {"restored": Preset("restored", "realesr-animevideov3-x4", "gfpgan"),
+               "restored-unguarded": Preset("restored-unguarded", "realesr-animevideov3-x4", "gfpgan",
+                                            identity_guard=False),
+               "balanced": Preset("balanced", "realesr-animevideov3-x4", "realesrgan-x4plus")}
+    config = Config(presets=presets, models={"gfpgan": restorer})
+    assert config.identity_guard_for("restored") and not config.identity_guard_for("restored-unguarded")
+    assert not config.identity_guard_for("balanced")
+    assert config.models_needed("restored")[-1] == FACE_DESCRIPTOR
+
+
+def test_a_face_model_with_its_own_template_is_compared_at_the_detectors_geometry() -> None:
+    """A restorer that aligns its own way (arcface 128 puts the face smaller in the crop): its
+    face is warped onto the detector's grid through its paste-back matrix, so a faithful one
+    gives the input face back."""
+    from skimage import data
+
+    from chaoqing.gateway.stages.composite import EnhancedFace
+    from chaoqing.gateway.stages.detect import DetectedFace
+    from chaoqing.gateway.stages.enhance_faces import align_face
+    from chaoqing.gateway.stages.face_geometry import FFHQ_TEMPLATE_512, invert_affine_matrix
+    from chaoqing.gateway.stages.identity import identity_tiles
+
+    rgb = np.ascontiguousarray(data.astronaut())
+    landmarks = FFHQ_TEMPLATE_512 * 0.35 + np.array([140.0, 30.0])  # a face ~180 px wide in the photo
+    face = DetectedFace(0, (140.0, 30.0, 320.0, 210.0), 1.0, landmarks)
+    own_template = FFHQ_TEMPLATE_512 * 0.75 + 64  # the face smaller and centred, as arcface's is
+    crop = align_face(rgb, face, own_template, 128)
+    restored = cv2.resize(crop.crop, (512, 512), interpolation=cv2.INTER_CUBIC)
+    enhanced = EnhancedFace(restored, invert_affine_matrix(crop.affine_matrix, 2.0, 4.0), 2.0)
+    tiles = identity_tiles(rgb, landmarks, FFHQ_TEMPLATE_512, enhanced, 180)
+    difference = np.abs(tiles.reference.astype(float) - tiles.restored.astype(float))
+    assert tiles.restored.shape == tiles.reference.shape == (180, 180, 3)
+    assert difference[30:150, 30:150].mean() < 6, "the same face at the same place (a 128 px crop's blur aside)"

@@ -236,7 +236,7 @@ class _Pipeline:
             answer = self.descriptor.run(inputs)
             return answer["descriptors"], answer["landmarks"]
 
-        tiles = identity_tiles(rgb, face.face.landmarks, self.template, enhanced.enhanced_crop, describe_side(face.side))
+        tiles = identity_tiles(rgb, face.face.landmarks, self.template, enhanced, describe_side(face.side))
         return guard_identity(tiles, strength, settings, describe, lambda function, *arguments: function(*arguments))
 
     def restore(self, model_name: str, rgb: npt.NDArray[np.uint8], face: _Face, background_scale: float) -> Any:

@@ -63,6 +63,7 @@ from chaoqing.config import FACE_DESCRIPTOR, Config, Preset
 from chaoqing.errors import ChaoqingError, DeadlineExceeded
 from chaoqing.gateway.remote import CallObserver, RemoteModel, RemoteModels
 from chaoqing.gateway.stages.composite import (
+    EnhancedFace,
     FacePaste,
     composite_face_pastes_in_place,
     prepare_face_paste,
@@ -703,7 +704,7 @@ def _restore_face(
     inputs = face_model_inputs(crop, metadata.find_input("weight") is not None, fidelity)
     output = face_model.infer(inputs, ["image"], deadline, request_id=request.options.request_id)
     enhanced = enhanced_face_from(crop, output["image"], request.background_scale, face_model.name)
-    identity = _check_identity(request, face, template, side, enhanced.enhanced_crop, deadline)
+    identity = _check_identity(request, face, template, enhanced, deadline)
     width, height = request.output_size
     return offload(prepare_face_paste, enhanced, (height, width, 3)), identity
 
@@ -714,8 +715,8 @@ def identity_guard_on(options: EnhanceOptions, config: Config) -> bool:
 
 
 def _check_identity(
-    request: PhotoRequest, face: DetectedFace, template: npt.NDArray[np.float64], side: float,
-    restored_crop: npt.NDArray[np.uint8], deadline: float,
+    request: PhotoRequest, face: DetectedFace, template: npt.NDArray[np.float64], restored: EnhancedFace,
+    deadline: float,
 ) -> IdentityCheck | None:
     """The identity guard on one restored face (:mod:`chaoqing.gateway.stages.identity`), in the
     face's greenlet: None when the request does not guard, or asks for strength 0.
@@ -736,7 +737,8 @@ def _check_identity(
         return answer["descriptors"], answer["landmarks"]
 
     with request.timer("identity"):
-        tiles = offload(identity_tiles, request.rgb8, face.landmarks, template, restored_crop, describe_side(side))
+        side = offload(face_size_in_image, face.landmarks, template)  # the detector's template: FFHQ-like crops
+        tiles = offload(identity_tiles, request.rgb8, face.landmarks, template, restored, describe_side(side))
         check = guard_identity(tiles, strength, request.config.identity_guard, describe, offload)
     if check.guarded:
         _log.info("request %s face %d: identity distance %.3f > %.2f, strength %.2f → %.2f (distance %.3f)",

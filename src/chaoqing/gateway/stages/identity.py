@@ -40,13 +40,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
 from chaoqing.config import IdentityGuardSettings
 from chaoqing.errors import BadModelResponse
-from chaoqing.gateway.stages.face_geometry import TEMPLATE_SIZE, warp_face_by_landmarks
+from chaoqing.gateway.stages.composite import EnhancedFace
+from chaoqing.gateway.stages.face_geometry import (
+    TEMPLATE_SIZE,
+    PasteBox,
+    create_resize_matrix,
+    warp_face_by_landmarks,
+    warp_face_into_box,
+)
 
 __all__ = [
     "DESCRIBE_MAX_SIDE",
@@ -129,17 +135,19 @@ def describe_side(face_side_in_image: float) -> int:
 
 def identity_tiles(
     rgb: npt.NDArray[np.uint8], landmarks: npt.NDArray[np.float64], template_512: npt.NDArray[np.float64],
-    restored_crop: npt.NDArray[np.uint8], side: int,
+    restored: EnhancedFace, side: int,
 ) -> IdentityTiles:
-    """Threadpool: the input face aligned to the template at ``side`` (as the face model's crop
-    was, antialiased), and the restored crop (aligned to the same template) resized to it.
+    """Threadpool: the input face aligned to the detector's template at ``side`` (antialiased),
+    and the restored face warped onto the same grid through its paste-back matrix, so a face
+    model that aligned its own way (arcface 128) is compared at the same geometry.
 
     Raises DegenerateLandmarks; ValueError for arrays that are not images."""
-    reference, _ = warp_face_by_landmarks(rgb, landmarks, template_512, side)
-    shrinking = restored_crop.shape[0] > side
-    restored = cv2.resize(np.ascontiguousarray(restored_crop), (side, side),
-                          interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    return IdentityTiles(np.ascontiguousarray(reference[:, :, :3]), np.asarray(restored, dtype=np.uint8))
+    reference, image_to_tile = warp_face_by_landmarks(rgb, landmarks, template_512, side)
+    background_to_image = np.vstack([create_resize_matrix(1.0 / restored.background_scale), [0.0, 0.0, 1.0]])
+    crop_to_background = np.vstack([restored.inverse_affine_matrix, [0.0, 0.0, 1.0]])
+    crop_to_tile = np.vstack([image_to_tile, [0.0, 0.0, 1.0]]) @ background_to_image @ crop_to_background
+    warped = warp_face_into_box(np.ascontiguousarray(restored.enhanced_crop), crop_to_tile[:2], PasteBox(0, 0, side, side))
+    return IdentityTiles(np.ascontiguousarray(reference[:, :, :3]), np.ascontiguousarray(warped[:, :, :3]))
 
 
 def blend_candidates(tiles: IdentityTiles, strengths: Sequence[float]) -> list[npt.NDArray[np.uint8]]:
