@@ -17,7 +17,13 @@ from conftest import run_cli
 from PIL import Image
 from skimage import data
 
-from chaoqing.bench.faces import boundary_texture_ratio, mean_delta_e, psnr
+from chaoqing.bench.faces import (
+    CROP_LABEL_PX,
+    CROP_SIDE_PX,
+    boundary_texture_ratio,
+    mean_delta_e,
+    psnr,
+)
 from chaoqing.config import RemoteSettings
 from chaoqing.gateway.remote import RemoteModel
 
@@ -83,10 +89,12 @@ def test_bench_faces_measures_lanczos_and_a_face_model_on_a_real_face(tmp_path: 
     photo = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()[20:236, 92:308]).save(photo)  # her face, hair and collar: 216 px
     completed = run_cli("bench", "faces", str(photo), "--preset", "fast", "--face-models", "realesr-animevideov3-x4",
-                        "--scale", "2", "--threads", "2", "--json", timeout=280)
+                        "--scale", "2", "--threads", "2", "--crops", str(tmp_path / "crops"), "--json", timeout=280)
     assert completed.returncode == 0, completed.stderr[-3000:]
     document = json.loads(completed.stdout)
     assert document["scenario"] == "faces" and document["settings"]["detector"] == "centerface"
+    with Image.open(tmp_path / "crops" / "faces-astronaut.png") as crops:  # input, lanczos, the model; 1 face
+        assert crops.size == (3 * CROP_SIDE_PX, CROP_SIDE_PX + CROP_LABEL_PX)
     assert document["settings"]["face_models"] == ["realesr-animevideov3-x4"]
     rows = {row["model"]: row for row in document["results"]}
     assert list(rows) == ["lanczos", "realesr-animevideov3-x4"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,9 +291,45 @@ def _measure(output: npt.NDArray[np.uint8], rgb: npt.NDArray[np.uint8], face: _F
     }
 
 
+CROP_SIDE_PX = 192  # each face's tile in a crops strip
+CROP_LABEL_PX = 14
+
+
+def write_face_crops(path: Path, rgb: npt.NDArray[np.uint8], faces: Sequence[_Face],
+                     outputs: Mapping[str, npt.NDArray[np.uint8]], background_scale: float) -> None:
+    """A PNG of side-by-side crops: per face (a row) the input (nearest-neighbour, as it is),
+    then each output (Lanczos, each model and variant) over the face's box grown by half,
+    each scaled to :data:`CROP_SIDE_PX` and labelled."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    columns = ["input", *outputs]
+    sheet = Image.new("RGB", (CROP_SIDE_PX * len(columns), (CROP_SIDE_PX + CROP_LABEL_PX) * len(faces)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, face in enumerate(faces):
+        left, top, right, bottom = face.box
+        grow = max(right - left, bottom - top) / 4
+        box = (max(0.0, left - grow), max(0.0, top - grow), min(float(rgb.shape[1]), right + grow),
+               min(float(rgb.shape[0]), bottom + grow))
+        y = row * (CROP_SIDE_PX + CROP_LABEL_PX)
+        for column, name in enumerate(columns):
+            if name == "input":
+                tile = Image.fromarray(rgb).crop(box)
+                tile = tile.resize((CROP_SIDE_PX, CROP_SIDE_PX), Image.Resampling.NEAREST)
+            else:
+                left_s, top_s, right_s, bottom_s = (value * background_scale for value in box)
+                tile = Image.fromarray(np.ascontiguousarray(outputs[name][..., :3])).crop(
+                    (left_s, top_s, right_s, bottom_s))
+                tile = tile.resize((CROP_SIDE_PX, CROP_SIDE_PX), Image.Resampling.LANCZOS)
+            sheet.paste(tile, (column * CROP_SIDE_PX, y + CROP_LABEL_PX))
+            draw.text((column * CROP_SIDE_PX + 3, y + 1), name if row == 0 else "", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+
+
 def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Sequence[str], scale: float,
               threads: int, progress: Callable[[str], None], compare_matching: bool = False,
-              identity_guard: bool = False) -> list[dict[str, Any]]:
+              identity_guard: bool = False, crops_dir: Path | None = None) -> list[dict[str, Any]]:
     """One row per face and per model (``lanczos`` first); with ``identity_guard`` also each
     model's faces at the strength the identity guard chose (rows 'MODEL, guarded'). Raises
     BenchError, RunnerError."""
@@ -359,6 +395,9 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
                         guard_reports[model_name + label] = checks
             first_pastes = outputs[face_models[0]][1] if face_models else [None] * len(faces)
             outputs = {LANCZOS: (lanczos, first_pastes, [math.nan] * len(faces)), **outputs}
+            if crops_dir is not None:
+                write_face_crops(crops_dir / f"faces-{path.stem}.png", rgb, faces,
+                                 {name: canvas for name, (canvas, _, _) in outputs.items()}, background_scale)
             baseline_ratios: dict[int, float] = {}
             for model_name, (canvas, pastes, seconds) in outputs.items():
                 checks = guard_reports.get(model_name, [None] * len(faces))
@@ -430,9 +469,12 @@ def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 @click.option("--identity-guard", is_flag=True,
               help="also each face model's faces at the strength the identity guard chooses ([identity_guard] "
                    "threshold; rows 'MODEL, guarded', with guard_strength and the guard's distances in the JSON)")
+@click.option("--crops", "crops_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="write side-by-side crops per photo (input, Lanczos, each model) into this folder")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the table")
 def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None, face_models: str | None,
-          scale: float | None, threads: int, compare_matching: bool, identity_guard: bool, as_json: bool) -> None:
+          scale: float | None, threads: int, compare_matching: bool, identity_guard: bool, crops_dir: Path | None,
+          as_json: bool) -> None:
     """Per face and face model: identity, consistency, colour shift and boundary texture."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.bench.models import _photos
@@ -451,7 +493,7 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
     output_scale = scale if scale is not None else config.scale
     rows = run_faces(files, config, preset_name, models, output_scale, threads,
                      lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching,
-                     identity_guard)
+                     identity_guard, crops_dir)
     result = Report("faces", command_line(),
                     {"preset": preset_name, "upscaler": config.presets[preset_name].upscaler, "face_models": models,
                      "detector": config.detector, "scale": output_scale, "face_input_size": config.face_input_size,
