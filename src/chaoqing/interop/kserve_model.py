@@ -200,13 +200,21 @@ def _add_chaoqing_routes(server: ModelServer, models: Sequence[ChaoqingKServeMod
 
 
 def serve(models: Sequence[str], *, http_port: int, host: str = DEFAULT_HOST,
-          options: Mapping[str, Any] | None = None) -> None:
+          options: Mapping[str, Any] | None = None,
+          model_options: Mapping[str, Mapping[str, str]] | None = None) -> None:
     """Serve ``models`` (chaoqing model names) from KServe's ModelServer on ``host:http_port``
-    (HTTP only, one process) until SIGTERM or SIGINT; ``options`` go to every model's runner.
+    (HTTP only, one process) until SIGTERM or SIGINT; ``options`` go to every model's runner,
+    ``model_options`` (model → its own model options, e.g. a simulator's latency) to one's.
 
     Raises RunnerError when a model cannot be built, OSError when the port cannot be bound.
     """
-    hosted = [ChaoqingKServeModel(name, options) for name in models]
+    def options_of(name: str) -> dict[str, Any]:
+        own = dict(options or {})
+        if model_options and name in model_options:
+            own["model_options"] = {**own.get("model_options", {}), **model_options[name]}
+        return own
+
+    hosted = [ChaoqingKServeModel(name, options_of(name)) for name in models]
     for model in hosted:
         model.load()
     server = _LocalModelServer(host, http_port=http_port, enable_grpc=False, workers=1,
@@ -227,6 +235,15 @@ def _option(text: str) -> tuple[str, Any]:
         return name, value
 
 
+def _model_option(text: str) -> tuple[str, str, str]:
+    """``--model-option MODEL:NAME=VALUE`` as (MODEL, NAME, VALUE); raises ArgumentTypeError."""
+    model, colon, rest = text.partition(":")
+    name, equals, value = rest.partition("=")
+    if not (colon and equals and model and name):
+        raise argparse.ArgumentTypeError("expected MODEL:NAME=VALUE, e.g. sim-face:latency_ms=120")
+    return model, name, value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m chaoqing.interop.kserve_model --model NAME [--model NAME ...] --http-port P``.
 
@@ -241,11 +258,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="the runner's threads")
     parser.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE",
                         help='a runner setting, VALUE as JSON where it parses: runtime=ncnn, model_options={"latency_ms": "0"}')
+    parser.add_argument("--model-option", action="append", type=_model_option, default=[],
+                        metavar="MODEL:NAME=VALUE",
+                        help="one model's own option, e.g. sim-face:latency_ms=120 (a simulator's latency)")
     arguments = parser.parse_args(argv)
     options = dict(arguments.option)
     if arguments.threads is not None:
         options["threads"] = arguments.threads
-    serve(arguments.model, http_port=arguments.http_port, host=arguments.host, options=options)
+    per_model: dict[str, dict[str, str]] = {}
+    for model, name, value in arguments.model_option:
+        per_model.setdefault(model, {})[name] = value
+    serve(arguments.model, http_port=arguments.http_port, host=arguments.host, options=options,
+          model_options=per_model)
 
 
 if __name__ == "__main__":
