@@ -79,7 +79,10 @@ class ChaoqingKServeModel(Model):  # type: ignore[misc]
         Raises RunnerError when it cannot be built.
         """
         self._runner = build_runner(self.name, self._options)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chaoqing-{self.name}")
+        # one batch at a time, as one instance of chaoqing's model server computes; a runner that
+        # only waits (the simulators: runs_on_hub) takes as many as it declares, as there
+        threads = (self._runner.max_concurrent_batches or UNLIMITED_WAITING_THREADS) if self._runner.runs_on_hub else 1
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"chaoqing-{self.name}")
         self.ready = True
         _log.info("chaoqing model %s loaded", self.name)
         return True
@@ -153,6 +156,9 @@ def _output(name: str, array: np.ndarray) -> InferOutput:
     contiguous = np.ascontiguousarray(array)
     return InferOutput(name=name, shape=list(contiguous.shape), datatype=v2.datatype_of(contiguous),
                        data=contiguous)
+
+
+UNLIMITED_WAITING_THREADS = 64  # "no limit" for a runner that only waits: more than a gateway sends at once
 
 
 class _LocalModelServer(ModelServer):  # type: ignore[misc]
