@@ -40,8 +40,11 @@ def connections_to(port: int) -> int:
     """This process's established TCP connections towards ``port`` (the client's side)."""
     import psutil
 
+    process = psutil.Process()
+    # psutil 6 renamed connections() to net_connections(); kserve 0.21 pins psutil < 6
+    listing = process.net_connections if hasattr(process, "net_connections") else process.connections
     return sum(
-        1 for connection in psutil.Process().net_connections("tcp")
+        1 for connection in listing("tcp")
         if connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_ESTABLISHED
     )
 

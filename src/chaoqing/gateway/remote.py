@@ -643,7 +643,13 @@ class RemoteModel:
         attempt_timeout_s = self.attempt_timeout_s
 
         def attempt(endpoint: Endpoint) -> dict[str, np.ndarray]:
-            binary = self._encoding_for(endpoint, deadline) == BINARY
+            # counted as outstanding while its encoding is asked (GET /v2 yields): a call chosen
+            # beside this one must see it busy and go to the next replica
+            endpoint.outstanding += 1
+            try:
+                binary = self._encoding_for(endpoint, deadline) == BINARY
+            finally:
+                endpoint.outstanding -= 1
             limit_us = max(1, int(min(deadline - time.monotonic(), attempt_timeout_s) * 1e6))
             message = v2.encode_infer_request(
                 inputs, outputs, binary_inputs=binary, binary_outputs=binary, request_id=request_id,
