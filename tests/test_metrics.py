@@ -22,6 +22,7 @@ from fakes import FakeV2Server
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from chaoqing.config import FACE_DESCRIPTOR
 from chaoqing.logs import JsonFormatter, TextFormatter
 
 StartGateway = Callable[..., SimGateway]
@@ -79,7 +80,9 @@ def gateway(start_sim_gateway: StartGateway) -> SimGateway:
 @pytest.mark.timeout(60)
 def test_counters_and_histograms_move_with_the_requests_made(gateway: SimGateway) -> None:
     url = gateway.url
-    endpoints = {name: urls[0] for name, urls in gateway.config.endpoints.items()}
+    # the face descriptor's endpoint is the detector's (config.py), which a simulator does not serve:
+    # its circuit rightly opens, and no preset here asks for it
+    endpoints = {name: urls[0] for name, urls in gateway.config.endpoints.items() if name != FACE_DESCRIPTOR}
     before = scrape(url)
     photo = _photo_png()
     for _ in range(3):
