@@ -89,15 +89,18 @@ def test_bench_faces_measures_lanczos_and_a_face_model_on_a_real_face(tmp_path: 
     photo = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()[20:236, 92:308]).save(photo)  # her face, hair and collar: 216 px
     completed = run_cli("bench", "faces", str(photo), "--preset", "fast", "--face-models", "realesr-animevideov3-x4",
-                        "--scale", "2", "--threads", "2", "--crops", str(tmp_path / "crops"), "--json", timeout=280)
+                        "--scale", "2", "--threads", "2", "--crops", str(tmp_path / "crops"),
+                        "--strengths", "0,0.5", "--crop-sides", "64", "--json", timeout=280)
     assert completed.returncode == 0, completed.stderr[-3000:]
     document = json.loads(completed.stdout)
     assert document["scenario"] == "faces" and document["settings"]["detector"] == "centerface"
-    with Image.open(tmp_path / "crops" / "faces-astronaut.png") as crops:  # input, lanczos, the model; 1 face
-        assert crops.size == (3 * CROP_SIDE_PX, CROP_SIDE_PX + CROP_LABEL_PX)
-    assert document["settings"]["face_models"] == ["realesr-animevideov3-x4"]
+    model_name = "realesr-animevideov3-x4"
+    names = ["lanczos", *(f"{run}{blend}" for run in (model_name, f"{model_name} crop 64") for blend in ("", " @0", " @0.5"))]
+    with Image.open(tmp_path / "crops" / "faces-astronaut.png") as crops:  # input, then each row's; 1 face
+        assert crops.size == ((1 + len(names)) * CROP_SIDE_PX, CROP_SIDE_PX + CROP_LABEL_PX)
+    assert document["settings"]["face_models"] == [model_name]
     rows = {row["model"]: row for row in document["results"]}
-    assert list(rows) == ["lanczos", "realesr-animevideov3-x4"]
+    assert list(rows) == names
     for row in rows.values():
         assert row["photo"] == "astronaut.png" and row["face"] == 0 and row["enhanced"]
         for key in ("identity", "psnr_db", "delta_e_face", "delta_e_eyes", "boundary_ratio", "boundary_vs_lanczos"):
@@ -105,13 +108,19 @@ def test_bench_faces_measures_lanczos_and_a_face_model_on_a_real_face(tmp_path: 
     lanczos = rows["lanczos"]
     assert lanczos["identity"] < 0.1 and lanczos["psnr_db"] > 30 and lanczos["delta_e_face"] < 2
     assert lanczos["boundary_vs_lanczos"] == 1.0
-    model = rows["realesr-animevideov3-x4"]
+    model = rows[model_name]
     assert model["identity"] < 0.6 and model["face_model_s"] > 0  # the same person
+    # strength 0 is the background's own face, whatever the crop: the two rows measure one image
+    metrics = ("identity", "psnr_db", "delta_e_face", "delta_e_eyes")
+    assert [rows[f"{model_name} @0"][key] for key in metrics] == [rows[f"{model_name} crop 64 @0"][key] for key in metrics]
+    # the gateway's crop for this 216 px face at ×2 is 112 px: a 64 px crop gives another face
+    assert rows[f"{model_name} crop 64"]["psnr_db"] != model["psnr_db"]
+    assert rows[f"{model_name} @0.5"]["psnr_db"] not in (model["psnr_db"], rows[f"{model_name} @0"]["psnr_db"])
     targets = {target["name"]: target for target in document["targets"]}
-    assert set(targets) == {f"realesr-animevideov3-x4 {name}" for name in (
+    assert set(targets) == {f"{row} {name}" for row in names[1:] for name in (
         "worst identity distance", "worst consistency", "lowest boundary ratio", "highest boundary ratio")}
     assert all(isinstance(target["met"], bool) for target in targets.values())
-    assert set(document["summary"]) == {"lanczos", "realesr-animevideov3-x4"}
+    assert set(document["summary"]) == set(names)
     assert document["summary"]["lanczos"]["faces"] == 1
 
 

@@ -101,6 +101,11 @@ class Preset:
     ``face_fidelity`` in [0, 1] is the fidelity ``weight`` a CodeFormer-style face restorer
     takes (1: closest to the input face); None: the model's own default (``[models.NAME] weight``).
 
+    ``face_min_crop`` (px): every face's aligned crop is at least this side, so the face model's
+    answer is shrunk onto a small face (supersampled) rather than made at the paste's own size;
+    None: the gateway's fit (``chaoqing.gateway.stages.enhance_faces``, from 64 px). A model
+    with a fixed input size gets that size whatever this says.
+
     ``identity_guard`` (``chaoqing.gateway.stages.identity``): after the face model, compare the
     restored face with the input face (dlib's descriptor) and blend it back toward the
     background's face until they are ``[identity_guard] threshold`` apart or less. None: on
@@ -117,8 +122,14 @@ class Preset:
     face_texture: bool = True
     face_fidelity: float | None = None
     identity_guard: bool | None = None
+    face_min_crop: int | None = None
 
     def __post_init__(self) -> None:
+        if self.face_min_crop is not None and not (
+                isinstance(self.face_min_crop, int) and not isinstance(self.face_min_crop, bool)
+                and MIN_FACE_CROP_PX <= self.face_min_crop <= MAX_FACE_CROP_PX):
+            raise ConfigError(f"presets.{self.name}.face_min_crop: {self.face_min_crop!r} is not a whole number of "
+                              f"pixels in [{MIN_FACE_CROP_PX}, {MAX_FACE_CROP_PX}]")
         if self.face_fidelity is not None and not _is_unit_number(self.face_fidelity):
             raise ConfigError(f"presets.{self.name}.face_fidelity: {self.face_fidelity!r} is not a number in [0, 1]")
         if self.identity_guard is not None and not isinstance(self.identity_guard, bool):
@@ -132,7 +143,8 @@ class Preset:
 
 
 PRESET_FACE_MATCH_KEYS = ("face_strength", "face_colour", "face_texture")
-PRESET_FACE_MODEL_KEYS = ("face_fidelity",)  # what a preset passes its face model
+PRESET_FACE_MODEL_KEYS = ("face_fidelity", "face_min_crop")  # what a preset passes its face model
+MIN_FACE_CROP_PX, MAX_FACE_CROP_PX = 16, 1024
 
 
 def _is_unit_number(value: object) -> bool:
@@ -148,6 +160,7 @@ FACE_DESCRIPTOR = "face-descriptor"
 
 COMPACT_X4 = "realesr-animevideov3-x4"
 PLUS_X4 = "realesrgan-x4plus"
+SPAN_KENDATA_X4 = "span-kendata-x4"  # CC-BY-SA-4.0: commercial use allowed, with attribution (docs/models.md)
 FACE_DETECTOR = "face-detector"  # dlib's HOG + 5-point shape predictor
 # CenterFace (ONNX Runtime): the default detector; as many faces as HOG on the sample photos,
 # FFHQ's own 5 points, tilted heads too (docs/faces.md, `chaoqing bench detect`)
@@ -155,16 +168,21 @@ CENTERFACE = "centerface"
 
 # Chosen by `chaoqing bench quality` on degraded copies of real photos (docs/quality.md). Every
 # model a built-in preset names is a model server `chaoqing serve` starts, and each must be one
-# an operator may run commercially (BSD-3 here). The bundled SPAN photo models lost on what users
-# upload: 4xSPANkendata (CC-BY-SA) and SPAN's own ×4 (license unverified) enlarge JPEG blocks and
-# noise (SSIM 0.72 / 0.77 against compact's 0.80 at JPEG quality 75); ClearReality4x, the most
-# natural on photos, is non-commercial and so only a documented [presets.photo-nc].
+# an operator may run commercially (BSD-3, and CC-BY-SA-4.0 for 4xSPANkendata's faces). As the
+# background the bundled SPAN photo models lost on what users upload: 4xSPANkendata and SPAN's
+# own ×4 (license unverified) enlarge JPEG blocks and noise (SSIM 0.72 / 0.77 against compact's
+# 0.80 at JPEG quality 75); ClearReality4x, the most natural on photos, is non-commercial and so
+# only a documented [presets.photo-nc].
 PRESETS: Mapping[str, Preset] = types.MappingProxyType(
     {
         "fast": Preset("fast", COMPACT_X4, None,
                        "compact Real-ESRGAN everywhere (smooth; robust to JPEG and noise), faces not enhanced"),
+        # faces: chosen by `chaoqing bench faces` on the sample photos (docs/faces.md). 4xSPANkendata
+        # on 128 px crops stays closest to each person (identity ≤ 0.13, PSNR ≥ 33 dB, where x4plus
+        # on the fitted crops gave 0.32 and 27 dB: painted faces) at a 30th of x4plus's time
         "balanced": Preset(
-            "balanced", COMPACT_X4, PLUS_X4, "compact Real-ESRGAN background, Real-ESRGAN x4plus on aligned faces"
+            "balanced", COMPACT_X4, SPAN_KENDATA_X4,
+            "compact Real-ESRGAN background, 4xSPANkendata on aligned faces (128 px crops)", face_min_crop=128,
         ),
         "quality": Preset("quality", PLUS_X4, PLUS_X4,
                           "Real-ESRGAN x4plus everywhere: detail closest to the original's, robust to JPEG and noise"),

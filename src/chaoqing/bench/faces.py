@@ -191,6 +191,7 @@ class _Pipeline:
             return RunnerSettings(threads=threads, runtime=server.runtime_for(name), device=server.device_for(name))
 
         self.config = config
+        self.face_min_crop = config.presets[preset].face_min_crop
         self.upscaler_name = config.presets[preset].upscaler
         self.upscaler = create_runner(self.upscaler_name, settings(self.upscaler_name))
         self.detector = create_runner(config.detector, settings(config.detector))
@@ -239,8 +240,10 @@ class _Pipeline:
         tiles = identity_tiles(rgb, face.face.landmarks, self.template, enhanced, describe_side(face.side))
         return guard_identity(tiles, strength, settings, describe, lambda function, *arguments: function(*arguments))
 
-    def restore(self, model_name: str, rgb: npt.NDArray[np.uint8], face: _Face, background_scale: float) -> Any:
-        """The face's EnhancedFace from this face model, as the gateway makes it (None: too small)."""
+    def restore(self, model_name: str, rgb: npt.NDArray[np.uint8], face: _Face, background_scale: float,
+                crop_side: int | None = None) -> Any:
+        """The face's EnhancedFace from this face model, as the gateway makes it (None: too small);
+        ``crop_side`` fixes the aligned crop's side instead of the gateway's choice."""
         import numpy as np
 
         from chaoqing.gateway.stages.enhance_faces import (
@@ -257,7 +260,8 @@ class _Pipeline:
         image_input = next(tensor for tensor in model.spec.inputs if tensor.name == "image")
         fixed = image_input.shape[1] if len(image_input.shape) == 4 and image_input.shape[1] > 0 else None
         model_scale = float(model.spec.parameters.get("scale", 1))
-        crop_size = choose_crop_size(face.side, background_scale, model_scale, fixed, self.config.face_input_size)
+        crop_size = crop_side or choose_crop_size(face.side, background_scale, model_scale, fixed,
+                                                  self.config.face_input_size, self.face_min_crop)
         crop = align_face(rgb, face.face, self.template, crop_size)
         output = model.run({"image": crop.crop[None]})["image"]
         return enhanced_face_from(crop, output, background_scale, model_name)
@@ -329,10 +333,13 @@ def write_face_crops(path: Path, rgb: npt.NDArray[np.uint8], faces: Sequence[_Fa
 
 def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Sequence[str], scale: float,
               threads: int, progress: Callable[[str], None], compare_matching: bool = False,
-              identity_guard: bool = False, crops_dir: Path | None = None) -> list[dict[str, Any]]:
+              identity_guard: bool = False, crops_dir: Path | None = None, strengths: Sequence[float] = (),
+              crop_sides: Sequence[int] = ()) -> list[dict[str, Any]]:
     """One row per face and per model (``lanczos`` first); with ``identity_guard`` also each
-    model's faces at the strength the identity guard chose (rows 'MODEL, guarded'). Raises
-    BenchError, RunnerError."""
+    model's faces at the strength the identity guard chose (rows 'MODEL, guarded'); each of
+    ``strengths`` adds rows 'MODEL @S' (the same faces, blended at strength S); each of
+    ``crop_sides`` runs every face model again on crops of that fixed side (rows 'MODEL crop N',
+    with their own strength rows). Raises BenchError, RunnerError."""
     import dataclasses
 
     import numpy as np
@@ -350,6 +357,9 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
     variants = [("", face_match_settings(EnhanceOptions(), config.presets[preset]))]
     if compare_matching:
         variants.append((UNMATCHED_SUFFIX, FaceMatchSettings(strength=1.0, colour=False, texture=False)))
+    variants += [(f" @{strength:g}", dataclasses.replace(variants[0][1], strength=strength)) for strength in strengths]
+    runs: list[tuple[str, str, int | None]] = [(name, name, None) for name in face_models]  # (row, model, crop)
+    runs += [(f"{name} crop {side}", name, side) for side in crop_sides for name in face_models]
     pipeline = _Pipeline(config, preset, face_models, threads)
     rows: list[dict[str, Any]] = []
     try:
@@ -372,12 +382,12 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
 
             lanczos = np.asarray(Image.fromarray(rgb).resize((out_width, out_height), Image.Resampling.LANCZOS))
             background = pipeline.background(rgb, out_width, out_height)
-            for model_name in face_models:
+            for model_name, face_model, crop_side in runs:
                 progress(f"{path.name}: {model_name} on {len(faces)} faces")
                 pastes, seconds, checks = [], [], []
                 for face in faces:
                     started = time.perf_counter()
-                    enhanced = pipeline.restore(model_name, rgb, face, background_scale)
+                    enhanced = pipeline.restore(face_model, rgb, face, background_scale, crop_side)
                     pastes.append(None if enhanced is None else prepare_face_paste(enhanced, (out_height, out_width, 3)))
                     seconds.append(time.perf_counter() - started)
                     checks.append(None if enhanced is None or not identity_guard else
@@ -390,7 +400,7 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
                                match_paste_to_background(paste, background, face_settings, background_scale)[0]
                                for paste, face_settings in zip(pastes, per_face, strict=True)]
                     canvas = composite_face_pastes(background, [paste for paste in matched if paste is not None])
-                    outputs[model_name + label] = (canvas, matched, seconds)
+                    outputs[model_name + label] = (canvas, pastes, seconds)  # the mask before strength: the bands
                     if label == GUARDED_SUFFIX:
                         guard_reports[model_name + label] = checks
             first_pastes = outputs[face_models[0]][1] if face_models else [None] * len(faces)
@@ -418,6 +428,20 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
     finally:
         pipeline.close()
     return rows
+
+
+def _numbers(text: str | None, option: str, kind: Callable[[str], Any], low: float, high: float) -> list[Any]:
+    """A comma-separated option's numbers, each within [low, high]; [] for none."""
+    if not text:
+        return []
+    try:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"{text!r}: {error}", param_hint=option) from None
+    for value in values:
+        if not low <= value <= high:
+            raise click.BadParameter(f"{value:g} is not within [{low:g}, {high:g}]", param_hint=option)
+    return values
 
 
 def _targets(rows: Sequence[dict[str, Any]], face_models: Sequence[str]) -> list[Any]:
@@ -469,12 +493,18 @@ def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 @click.option("--identity-guard", is_flag=True,
               help="also each face model's faces at the strength the identity guard chooses ([identity_guard] "
                    "threshold; rows 'MODEL, guarded', with guard_strength and the guard's distances in the JSON)")
+@click.option("--strengths", default=None, metavar="S,S,...",
+              help="also each face model's faces blended at these strengths (rows 'MODEL @S'): the background's "
+                   "own face (0) to the face model's (1)")
+@click.option("--crop-sides", default=None, metavar="N,N,...",
+              help="also every face model on aligned crops of these fixed sides in px (rows 'MODEL crop N'), "
+                   "instead of the gateway's choice (face side × scale ÷ model scale, 64 to face_input_size)")
 @click.option("--crops", "crops_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="write side-by-side crops per photo (input, Lanczos, each model) into this folder")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the table")
 def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None, face_models: str | None,
-          scale: float | None, threads: int, compare_matching: bool, identity_guard: bool, crops_dir: Path | None,
-          as_json: bool) -> None:
+          scale: float | None, threads: int, compare_matching: bool, identity_guard: bool, strengths: str | None,
+          crop_sides: str | None, crops_dir: Path | None, as_json: bool) -> None:
     """Per face and face model: identity, consistency, colour shift and boundary texture."""
     from chaoqing.bench.common import Report, command_line, report
     from chaoqing.bench.models import _photos
@@ -491,13 +521,16 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
         models = [own] if own else []
     files = [file for path in photos for file in _photos(path)]
     output_scale = scale if scale is not None else config.scale
+    blends = _numbers(strengths, "--strengths", float, 0.0, 1.0)
+    sides = _numbers(crop_sides, "--crop-sides", int, 16, 1024)
     rows = run_faces(files, config, preset_name, models, output_scale, threads,
                      lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching,
-                     identity_guard, crops_dir)
+                     identity_guard, crops_dir, blends, sides)
     result = Report("faces", command_line(),
                     {"preset": preset_name, "upscaler": config.presets[preset_name].upscaler, "face_models": models,
                      "detector": config.detector, "scale": output_scale, "face_input_size": config.face_input_size,
                      "threads": threads, "identity_guard": config.identity_guard.threshold if identity_guard else None},
-                    rows, _targets(rows, [*models, *(model + GUARDED_SUFFIX for model in models if identity_guard)]),
+                    rows, _targets(rows, [name for name in dict.fromkeys(row["model"] for row in rows)
+                                          if name != LANCZOS and not name.endswith(UNMATCHED_SUFFIX)]),
                     extra={"summary": _summary(rows)})
     report(result, COLUMNS, as_json=as_json)

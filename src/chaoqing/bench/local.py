@@ -187,7 +187,8 @@ class _Script:
             side = face_size_in_image(face.landmarks, template)
             if side * eye_fraction < self.config.min_eye_distance_px:
                 continue  # the gateway leaves such a face alone too
-            crop_size = choose_crop_size(side, background_scale, model_scale, fixed, self.config.face_input_size)
+            crop_size = choose_crop_size(side, background_scale, model_scale, fixed, self.config.face_input_size,
+                                         self.preset.face_min_crop)
             crops.append(align_face(rgb, face, template, crop_size))
         return crops
 

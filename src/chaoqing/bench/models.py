@@ -7,8 +7,8 @@ gateway's v2 client), and of each preset end to end through a gateway process (P
 
 - **fast** (compact Real-ESRGAN ×4, no faces) on a photo of ``--megapixels`` (the largest
   photo of ``--photos``, resized with Lanczos to that size when it differs);
-- **balanced** (compact background, x4plus faces) and **quality** (x4plus everywhere) on the
-  smallest photo of ``--photos`` in which the detector finds a face.
+- **balanced** (compact background, 4xSPANkendata faces) and **quality** (x4plus everywhere) on
+  the smallest photo of ``--photos`` in which the detector finds a face.
 
 A preset's direct figure is the sum of the direct runner times of the calls it makes: the
 upscaler on the photo, the detector on the photo (balanced, quality), and the face model
@@ -27,13 +27,16 @@ from typing import Any
 
 import click
 
+from chaoqing.config import PRESETS
+
 __all__ = ["models", "run_models"]
 
 EFFICIENCY_TARGET = 0.85
 COMPACT = "realesr-animevideov3-x4"
 PLUS = "realesrgan-x4plus"
 DETECTOR = "face-detector"
-PRESET_MODELS = {"fast": (COMPACT, None), "balanced": (COMPACT, PLUS), "quality": (PLUS, PLUS)}
+# (upscaler, face model) of each built-in preset measured here, as chaoqing.config.PRESETS has them
+PRESET_MODELS = {name: (PRESETS[name].upscaler, PRESETS[name].face_model) for name in ("fast", "balanced", "quality")}
 WARMUP_SIDE = 64  # warm-up calls use a corner this big: same code paths, little time
 FACE_CROP_SIDE = 128  # Config.face_input_size: the largest crop the pipeline sends a face model
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -116,8 +119,12 @@ def run_models(photos_path: Path, megapixels: float, presets: list[str], threads
     candidates = _photos(photos_path)
     if not candidates:
         raise BenchError(f"no photos in {photos_path}")
-    needed = [COMPACT, PLUS, DETECTOR]  # every preset's models: the gateway is ready only with all
-    direct_models = [COMPACT] if presets == ["fast"] else needed
+    # every preset's models: the gateway is ready only with all
+    needed = list(dict.fromkeys([*(name for models in PRESET_MODELS.values() for name in models if name), DETECTOR]))
+    face_models = list(dict.fromkeys(face for preset in presets if (face := PRESET_MODELS[preset][1]) is not None))
+    direct_models = [COMPACT] if presets == ["fast"] else [COMPACT, DETECTOR, *face_models,
+                                                           *([PLUS] if "quality" in presets else [])]
+    direct_models = list(dict.fromkeys(direct_models))
     runners = {name: create_runner(name, RunnerSettings(threads=threads)) for name in direct_models}
 
     def direct(name: str, rgb: Any) -> float:
@@ -144,8 +151,8 @@ def run_models(photos_path: Path, megapixels: float, presets: list[str], threads
     # (what, model, photo label, rgb) for every runner measurement
     jobs: list[tuple[str, str, str, Any]] = [(COMPACT, COMPACT, largest.name, big_rgb)]
     if face_rgb is not None and face_photo is not None:
-        jobs += [(COMPACT, COMPACT, face_photo.name, face_rgb), (DETECTOR, DETECTOR, face_photo.name, face_rgb),
-                 (PLUS, PLUS, f"{FACE_CROP_SIDE}×{FACE_CROP_SIDE} crop", crop)]
+        jobs += [(COMPACT, COMPACT, face_photo.name, face_rgb), (DETECTOR, DETECTOR, face_photo.name, face_rgb)]
+        jobs += [(name, name, f"{FACE_CROP_SIDE}×{FACE_CROP_SIDE} crop", crop) for name in face_models]
         if "quality" in presets:
             jobs.append((PLUS, PLUS, face_photo.name, face_rgb))
     rows: list[dict[str, Any]] = []
@@ -229,7 +236,7 @@ def run_models(photos_path: Path, megapixels: float, presets: list[str], threads
             total_direct = direct_seconds[(upscaler, label)]
             if face_model is not None:
                 total_direct += direct_seconds[(DETECTOR, label)]
-                total_direct += faces * direct_seconds[(PLUS, f"{FACE_CROP_SIDE}×{FACE_CROP_SIDE} crop")]
+                total_direct += faces * direct_seconds[(face_model, f"{FACE_CROP_SIDE}×{FACE_CROP_SIDE} crop")]
             megapixels_in = rgb.shape[0] * rgb.shape[1] / 1e6
             rows.append({"what": f"preset {preset}", "photo": label, "input_megapixels": megapixels_in,
                          "faces": faces, "direct_s": total_direct, "direct_mp_per_s": megapixels_in / total_direct,

@@ -697,9 +697,10 @@ def _restore_face(
         side = offload(face_size_in_image, face.landmarks, model_template)
     image_input = metadata.find_input("image")  # a plain v2 server may list no tensors: any size then
     fixed = image_input.shape[1] if image_input and len(image_input.shape) == 4 and image_input.shape[1] > 0 else None
-    crop_size = choose_crop_size(side, request.background_scale, metadata.scale, fixed, request.config.face_input_size)
-    crop = offload(align_face, request.rgb8, face, model_template, crop_size)
     preset = request.config.presets[request.options.preset]
+    crop_size = choose_crop_size(side, request.background_scale, metadata.scale, fixed, request.config.face_input_size,
+                                 preset.face_min_crop)
+    crop = offload(align_face, request.rgb8, face, model_template, crop_size)
     fidelity = request.options.face_fidelity if request.options.face_fidelity is not None else preset.face_fidelity
     inputs = face_model_inputs(crop, metadata.find_input("weight") is not None, fidelity)
     output = face_model.infer(inputs, ["image"], deadline, request_id=request.options.request_id)

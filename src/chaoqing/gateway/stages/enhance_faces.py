@@ -7,8 +7,11 @@ The face model is remote; :mod:`chaoqing.gateway.pipeline` runs one greenlet per
 Crop size: a model with a fixed input (a 512 px GFPGAN export) gets exactly that. A model
 that takes any size (Real-ESRGAN ×4) gets the smallest multiple of 16 that, after the
 model's scale, covers the face as large as it will appear in the output, between
-``MIN_CROP_SIZE`` and the configured ``face_input_size``: small faces cost little, large
-ones are bounded.
+``MIN_CROP_SIZE`` (or the preset's ``face_min_crop``, which wins) and the configured
+``face_input_size``: small faces cost little, large ones are bounded. A preset's
+``face_min_crop`` above the fit supersamples: the model's answer is shrunk onto the face
+(balanced: 128 px for every face, which measured closer to the photo's own face than the fit,
+docs/faces.md).
 
 Template: faces align to FFHQ's 5 points (the detector's convention says where its points land
 in such a crop, :func:`~chaoqing.gateway.stages.detect.alignment_template`), unless the face
@@ -103,13 +106,16 @@ def choose_crop_size(
     model_scale: float,
     fixed_size: int | None,
     max_size: int,
+    min_size: int | None = None,
 ) -> int:
-    """The crop side for one face (see the module notes)."""
+    """The crop side for one face (see the module notes); ``min_size``: the preset's
+    ``face_min_crop`` (None: ``MIN_CROP_SIZE``)."""
     if fixed_size:
         return fixed_size
     wanted = face_side_in_image * background_scale / max(model_scale, 1e-6)
     rounded = math.ceil(wanted / CROP_MULTIPLE) * CROP_MULTIPLE
-    return int(min(max(rounded, MIN_CROP_SIZE), max(max_size, MIN_CROP_SIZE)))
+    floor = MIN_CROP_SIZE if min_size is None else min_size
+    return int(min(max(rounded, floor), max(max_size, floor)))
 
 
 def align_face(
