@@ -116,3 +116,28 @@ def test_a_face_at_the_frames_edge_and_16_bit_photos() -> None:
     matched, _ = match_paste_to_background(paste, background, FaceMatchSettings())
     assert matched.patch.dtype == np.uint16 and matched.box.left == 0 and matched.box.top == 0
     assert composite_face_pastes(background, [matched]).shape == background.shape
+
+
+def test_a_presets_face_min_crop_raises_small_faces_crops_and_nothing_else() -> None:
+    from chaoqing.gateway.stages.enhance_faces import MIN_CROP_SIZE, choose_crop_size
+
+    # a 74 px face at ×2 for a ×4 model: 37 px wanted, so the fit is the 64 px floor
+    assert choose_crop_size(74, 2.0, 4.0, None, 128) == MIN_CROP_SIZE
+    assert choose_crop_size(74, 2.0, 4.0, None, 128, 128) == 128  # balanced: supersampled
+    assert choose_crop_size(400, 2.0, 4.0, None, 128, 128) == 128  # a large face: the cap, as before
+    assert choose_crop_size(400, 2.0, 4.0, None, 256, 128) == 208  # above the floor, the fit rules
+    assert choose_crop_size(74, 2.0, 4.0, 512, 128, 128) == 512  # a fixed-input restorer keeps its size
+
+
+def test_face_min_crop_is_a_preset_setting_checked_at_load() -> None:
+    from chaoqing.config import PRESETS, ConfigError, config_from_mapping
+
+    assert PRESETS["balanced"].face_min_crop == 128 and PRESETS["balanced"].face_model == "span-kendata-x4"
+    assert PRESETS["quality"].face_min_crop is None
+    config = config_from_mapping({"presets": {"balanced": {"face_min_crop": 64}, "mine": {
+        "upscaler": "realesr-animevideov3-x4", "face_model": "span-kendata-x4", "face_min_crop": 192}}})
+    assert config.presets["balanced"].face_min_crop == 64 and config.presets["mine"].face_min_crop == 192
+    assert config.presets["balanced"].face_model == "span-kendata-x4"  # the rest of the built-in stays
+    for bad in (8, 4096, 96.5, True, "128"):
+        with pytest.raises(ConfigError, match="face_min_crop"):
+            config_from_mapping({"presets": {"balanced": {"face_min_crop": bad}}})

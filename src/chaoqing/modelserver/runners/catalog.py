@@ -191,7 +191,7 @@ UPSCALERS: Mapping[str, UpscalerModel] = types.MappingProxyType({
         _span("span-kendata-x4", "4xSPANkendata", 4, "CC-BY-SA-4.0", "yes",
               "OpenModelDB: CC-BY-SA-4.0 — attribution, share-alike",
               "https://github.com/terrainer/AI-Upscaling-Models/tree/main/4xSPANkendata (terrainer)",
-              "undegraded photos (amplifies halftone and scan grain)"),
+              "undegraded photos (amplifies halftone and scan grain); the balanced preset's face model"),
         _span("span-x2-ch48", "spanx2_ch48", 2, UNVERIFIED, UNVERIFIED, _SPAN_OWN_NOTE,
               "https://github.com/hongyuanyu/SPAN (spanx2_ch48)",
               "fidelity-oriented ×2 (bicubic degradation, PSNR-trained), 48 channels"),
