@@ -389,7 +389,7 @@ def _cannot_listen_message(host: str, port: int, error: OSError) -> str:
               help="Output folder (default ./enhanced), or a file name for a single input.")
 @click.option("--scale", default=None, type=click.FloatRange(1.0, 4.0), help="Output size over input size.  [default: 2]")
 @click.option("--preset", default=None, metavar="NAME",
-              help="fast: compact model, no faces; balanced: + x4plus faces; quality: x4plus everywhere; or a "
+              help="fast: compact model, no faces; balanced: + 4xSPANkendata faces; quality: x4plus everywhere; or a "
                    "preset the config defines ([presets.NAME]; with --server, the server's).  [default: balanced]")
 @click.option("--no-faces", is_flag=True, help="Do not enhance faces.")
 @click.option("--format", "output_format", default=None, type=click.Choice(["png", "jpeg", "webp"]),
