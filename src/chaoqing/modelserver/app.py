@@ -147,6 +147,24 @@ class _Model:
     batcher: Batcher | None = None
 
 
+def decode_infer_call(spec: ModelSpec, body: bytes, header_length: int | None,
+                      max_input_pixels: int) -> tuple[v2.InferRequest, float | None]:
+    """A v2 infer body decoded and checked against the model's metadata (inputs, the outputs
+    asked for), and its ``parameters.timeout`` in seconds (None: none asked): what this server
+    and the Ray Serve deployment (:mod:`chaoqing.modelserver.ray_serve`) both do before they
+    compute. Raises InvalidTensorRequest."""
+    try:
+        request = v2.decode_infer_request(body, header_length)
+    except MalformedMessage as exc:
+        raise InvalidTensorRequest(str(exc)) from None
+    validate_inputs(spec, request.inputs, max_input_pixels)
+    known_outputs = {tensor.name for tensor in spec.outputs}
+    for requested in request.outputs:
+        if requested.name not in known_outputs:
+            raise InvalidTensorRequest(f"model {spec.name} has no output {requested.name!r}")
+    return request, _timeout_of(request.parameters)
+
+
 def validate_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray], max_input_pixels: int) -> None:
     """Check decoded inputs against the model's metadata; raises InvalidTensorRequest."""
     expected = {tensor.name: tensor for tensor in spec.inputs}
@@ -268,16 +286,7 @@ class ModelServerApp:
             if model.state != "ready" or model.batcher is None or model.spec is None:
                 raise Overloaded(f"model {model.name} is {model.state}", retry_after_s=1.0)
             body, header_length = self._read_body(environ)
-            try:
-                request = v2.decode_infer_request(body, header_length)
-            except MalformedMessage as exc:
-                raise InvalidTensorRequest(str(exc)) from None
-            validate_inputs(model.spec, request.inputs, self.options.max_input_pixels)
-            known_outputs = {tensor.name for tensor in model.spec.outputs}
-            for requested in request.outputs:
-                if requested.name not in known_outputs:
-                    raise InvalidTensorRequest(f"model {model.name} has no output {requested.name!r}")
-            timeout_s = _timeout_of(request.parameters)
+            request, timeout_s = decode_infer_call(model.spec, body, header_length, self.options.max_input_pixels)
             outputs = model.batcher.infer(request.inputs, timeout_s)
             message = v2.encode_infer_response(model.name, outputs, request)
             start_response("200 OK", list(message.http_headers().items()))

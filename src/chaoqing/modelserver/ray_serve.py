@@ -60,7 +60,6 @@ from chaoqing.errors import (
     DeadlineExceeded,
     InferenceFailed,
     InvalidTensorRequest,
-    MalformedMessage,
     UnknownModel,
     http_error_for,
 )
@@ -94,7 +93,6 @@ SERVER_NAME = "chaoqing-ray"
 EXTENSIONS = ("binary_tensor_data", "model_metadata", "health")
 DEFAULT_HTTP_PORT = 8000  # Ray Serve's own default
 LOOPBACK = "127.0.0.1"
-MICROSECONDS = 1e-6
 MEGABYTE = 1024 * 1024
 READY_PROBE_TIMEOUT_S = 2.0
 # a simulator with concurrency 0 waits any number of batches at once; bound the threads that wait
@@ -350,15 +348,6 @@ def _shape_key(array_by_name: Mapping[str, np.ndarray], batched: bool) -> tuple[
     )
 
 
-def _timeout_of(parameters: Mapping[str, Any]) -> float | None:
-    raw = parameters.get("timeout")
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw) or raw <= 0:
-        raise InvalidTensorRequest("parameters.timeout must be a positive number of microseconds")
-    return float(raw) * MICROSECONDS
-
-
 class V2ModelDeployment:
     """One model's replica: its runner, loaded once, behind ``/v2/models/{model}``.
 
@@ -426,7 +415,7 @@ class V2ModelDeployment:
     async def _infer(self, request: Any) -> Any:
         from starlette.responses import Response
 
-        from chaoqing.modelserver.app import validate_inputs
+        from chaoqing.modelserver.app import decode_infer_call
 
         raw_length = request.headers.get("content-length", "")
         if raw_length.isdigit() and int(raw_length) > self.settings.max_request_bytes:
@@ -440,16 +429,7 @@ class V2ModelDeployment:
             if not (digits.isascii() and digits.isdigit()) or int(digits) > len(body):
                 raise InvalidTensorRequest(f"{v2.HEADER_LENGTH_HEADER} must be an integer no larger than the body")
             header_length = int(digits)
-        try:
-            decoded = v2.decode_infer_request(body, header_length)
-        except MalformedMessage as exc:
-            raise InvalidTensorRequest(str(exc)) from None
-        validate_inputs(self.spec, decoded.inputs, self.settings.max_input_pixels)
-        known_outputs = {tensor.name for tensor in self.spec.outputs}
-        for requested in decoded.outputs:
-            if requested.name not in known_outputs:
-                raise InvalidTensorRequest(f"model {self.spec.name} has no output {requested.name!r}")
-        timeout_s = _timeout_of(decoded.parameters)
+        decoded, timeout_s = decode_infer_call(self.spec, body, header_length, self.settings.max_input_pixels)
         try:
             result = await asyncio.wait_for(self._batch_call(decoded.inputs), timeout_s)
         except TimeoutError:
