@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 import gevent
@@ -122,6 +123,19 @@ def run_cli(*arguments: str, timeout: float = 120, env: dict[str, str] | None = 
     command = [sys.executable, "-c", "from chaoqing.cli import main; main()", *arguments]
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, **kwargs)
+
+
+def tiny_photos_and_config(tmp_path: Path, config_text: str) -> tuple[Path, Path]:
+    """A ``photos`` folder holding one generated 96×64 PNG, and ``sim.toml`` holding
+    ``config_text``, under ``tmp_path``: what the bench programs' smoke tests run on."""
+    from chaoqing.bench.common import encode_photo, synthetic_photo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "tiny.png").write_bytes(encode_photo(synthetic_photo(96, 64), "PNG"))
+    config = tmp_path / "sim.toml"
+    config.write_text(config_text, encoding="utf-8")
+    return photos, config
 
 
 SIM_PRESETS = {

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-
-from chaoqing.bench.common import encode_photo, synthetic_photo
+from conftest import run_cli, tiny_photos_and_config
 
 SIM_CONFIG = """detector = "sim-detector"
 
@@ -26,12 +24,8 @@ face_model = "sim-face"
 
 @pytest.mark.timeout(240)
 def test_local_runs_the_script_and_the_service_alternately(tmp_path: Path) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    (photos / "tiny.png").write_bytes(encode_photo(synthetic_photo(96, 64), "PNG"))
+    photos, config = tiny_photos_and_config(tmp_path, SIM_CONFIG)
     (photos / "notes.txt").write_text("not a photo", encoding="utf-8")
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_CONFIG, encoding="utf-8")
     completed = run_cli("bench", "local", "--photos", str(photos), "--config", str(config), "--faces", "2",
                         "--scales", "4,2", "--rounds", "2", "--compute-slots", "2,0", "--batching", "--json",
                         timeout=200)
@@ -58,11 +52,7 @@ def test_local_runs_the_script_and_the_service_alternately(tmp_path: Path) -> No
 
 
 def test_local_says_which_face_count_or_photo_it_lacks(tmp_path: Path) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    (photos / "tiny.png").write_bytes(encode_photo(synthetic_photo(96, 64), "PNG"))
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_CONFIG, encoding="utf-8")
+    photos, config = tiny_photos_and_config(tmp_path, SIM_CONFIG)
     completed = run_cli("bench", "local", "--photos", str(photos), "--config", str(config), "--faces", "3",
                         timeout=120)
     assert completed.returncode != 0

@@ -9,9 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-
-from chaoqing.bench.common import encode_photo, synthetic_photo
+from conftest import run_cli, tiny_photos_and_config
 
 SIM_CONFIG = """detector = "sim-detector"
 
@@ -31,11 +29,7 @@ face_model = ""
 
 @pytest.mark.timeout(240)
 def test_presets_gives_seconds_per_megapixel_and_per_face(tmp_path: Path) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    (photos / "tiny.png").write_bytes(encode_photo(synthetic_photo(96, 64), "PNG"))
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_CONFIG, encoding="utf-8")
+    photos, config = tiny_photos_and_config(tmp_path, SIM_CONFIG)
     completed = run_cli("bench", "presets", "--photos", str(photos), "--config", str(config), "--faces", "2",
                         "--presets", "balanced,plain", "--rounds", "2", "--json", timeout=200)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -57,11 +51,7 @@ def test_presets_gives_seconds_per_megapixel_and_per_face(tmp_path: Path) -> Non
 
 
 def test_presets_names_an_unknown_preset(tmp_path: Path) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    (photos / "tiny.png").write_bytes(encode_photo(synthetic_photo(96, 64), "PNG"))
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_CONFIG, encoding="utf-8")
+    photos, config = tiny_photos_and_config(tmp_path, SIM_CONFIG)
     completed = run_cli("bench", "presets", "--photos", str(photos), "--config", str(config), "--faces", "2",
                         "--presets", "nope", timeout=120)
     assert completed.returncode != 0 and "unknown preset(s) nope" in completed.stderr, completed.stderr

@@ -12,26 +12,28 @@ pixels), and JSON to the same KServe server must too.
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 from skimage import data
+from third_party import (
+    FACE_CROP,
+    UPSCALER,
+    enhance,
+    free_port,
+    gateway_starter,
+    max_difference,
+    portrait,
+    v2_server_process,
+    wide_photo,
+)
 
-from chaoqing.config import CENTERFACE, Config, JobSettings, Preset, RemoteSettings
-from chaoqing.gateway.metrics import GatewayMetrics
-from chaoqing.gateway.remote import RemoteModels
+from chaoqing.config import CENTERFACE
 from chaoqing.gateway.server import GatewayServer
 from chaoqing.protocol import v2
 
@@ -39,93 +41,22 @@ pytest.importorskip("kserve")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-UPSCALER = "realesr-animevideov3-x4"
 DETECTOR = CENTERFACE
-# the compact model enhances the faces too: quick on 2 cores, and the face path (detection,
-# metadata scale, crops, pastes) is exercised against KServe all the same
-INTEROP_PRESET = Preset("interop", UPSCALER, UPSCALER, "compact model for background and faces")
-START_TIMEOUT_S = 120.0
-FACE_CROP = (slice(20, 236), slice(92, 308))  # rows, columns of astronaut(): her face
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def kserve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("kserve")
-    http_port = _free_port()
-    log_path = folder / "kserve.log"
+    http_port = free_port()
     command = [sys.executable, "-m", "chaoqing.interop.kserve_model", "--model", UPSCALER, "--model", DETECTOR,
                "--http-port", str(http_port), "--threads", "2"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    url = f"http://127.0.0.1:{http_port}"
-    try:
-        ends_at = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"kserve exited: {log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < ends_at, f"kserve not ready: {log_path.read_text()[-3000:]}"
-            time.sleep(0.3)
+    with v2_server_process("kserve", command, folder, folder / "kserve.log", f"http://127.0.0.1:{http_port}") as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture
 def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayServer]]:
-    servers: list[GatewayServer] = []
-
-    def start(url: str, **remote: object) -> GatewayServer:
-        config = Config(
-            port=0, detector=DETECTOR, presets={"interop": INTEROP_PRESET}, preset="interop",
-            endpoints={UPSCALER: (url,), DETECTOR: (url,)}, remote=RemoteSettings(**remote),  # type: ignore[arg-type]
-            jobs=JobSettings(spool_dir=str(tmp_path / f"spool-{len(servers)}")),
-        )
-        server = GatewayServer(config, RemoteModels.from_config(config, GatewayMetrics()), watch_hub=False)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(grace_s=1.0)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _portrait() -> bytes:
-    """The astronaut's face and shoulders at 200×200 (one face): the background in one tile."""
-    return _png(Image.fromarray(data.astronaut()[FACE_CROP]).resize((200, 200), Image.Resampling.LANCZOS))
-
-
-def _enhance(server: GatewayServer, photo: bytes, scale: float = 2.0) -> tuple[np.ndarray, requests.Response]:
-    response = requests.post(f"{server.url}/v1/enhance?scale={scale}", data=photo,
-                             headers={"Content-Type": "image/png"}, timeout=240)
-    assert response.status_code == 200, response.text
-    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")), response
-
-
-def _max_difference(first: np.ndarray, second: np.ndarray) -> int:
-    return int(np.abs(first.astype(np.int16) - second.astype(np.int16)).max())
+    yield from gateway_starter(tmp_path, DETECTOR)
 
 
 def test_kserve_answers_the_v2_routes_the_gateway_uses(kserve_url: str) -> None:
@@ -155,20 +86,20 @@ def test_the_gateway_gets_the_same_photo_from_kserve_as_from_its_own_model_serve
     kserve_url: str, start_model_server: Callable[..., object], start_gateway: Callable[..., GatewayServer]
 ) -> None:
     own = start_model_server([UPSCALER, DETECTOR], threads=2)
-    photo = _portrait()
+    photo = portrait()
     via_kserve = start_gateway(kserve_url)
     via_own = start_gateway(own.url)  # type: ignore[attr-defined]
-    image_kserve, response_kserve = _enhance(via_kserve, photo)
-    image_own, response_own = _enhance(via_own, photo)
+    image_kserve, response_kserve = enhance(via_kserve, photo)
+    image_own, response_own = enhance(via_own, photo)
 
     assert via_kserve.remotes[UPSCALER].endpoints[0].tensor_encoding == "binary"
     assert image_kserve.shape == image_own.shape == (400, 400, 3)
     for response in (response_kserve, response_own):
         assert response.headers["X-Faces-Detected"] == "1" and response.headers["X-Faces-Enhanced"] == "1"
-    assert _max_difference(image_kserve, image_own) <= 1
+    assert max_difference(image_kserve, image_own) <= 1
     # and the same over JSON: KServe's REST side takes plain v2 too
-    image_json, _ = _enhance(start_gateway(kserve_url, tensor_encoding="json"), photo)
-    assert _max_difference(image_json, image_own) <= 1
+    image_json, _ = enhance(start_gateway(kserve_url, tensor_encoding="json"), photo)
+    assert max_difference(image_json, image_own) <= 1
 
 
 def test_the_gateway_tiles_through_kserve_as_through_its_own_server(
@@ -177,11 +108,11 @@ def test_the_gateway_tiles_through_kserve_as_through_its_own_server(
     """A photo over the compact model's published tile size (276): tiles with context and the
     optional edge_padding input, which KServe passes on like any other input."""
     own = start_model_server([UPSCALER, DETECTOR], threads=2)
-    wide = _png(Image.fromarray(data.astronaut()).resize((320, 320), Image.Resampling.LANCZOS))
-    image_kserve, _ = _enhance(start_gateway(kserve_url), wide, scale=1.5)
-    image_own, _ = _enhance(start_gateway(own.url), wide, scale=1.5)  # type: ignore[attr-defined]
+    wide = wide_photo()
+    image_kserve, _ = enhance(start_gateway(kserve_url), wide, scale=1.5)
+    image_own, _ = enhance(start_gateway(own.url), wide, scale=1.5)  # type: ignore[attr-defined]
     assert image_kserve.shape == image_own.shape == (480, 480, 3)
-    assert _max_difference(image_kserve, image_own) <= 1
+    assert max_difference(image_kserve, image_own) <= 1
 
 
 def test_the_launcher_refuses_settings_it_does_not_know() -> None:
