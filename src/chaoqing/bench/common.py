@@ -27,7 +27,7 @@ import signal
 import socket as stdlib_socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,21 @@ def wait_until_ready(url: str, timeout_s: float = READY_TIMEOUT_S, process: Any 
         if time.monotonic() >= ends_at:
             raise BenchError(f"{url} was not ready within {timeout_s:.0f} s")
         gevent.sleep(0.1)
+
+
+def number_list(text: str, option: str, convert: Callable[[str], Any], low: float | None = None,
+                high: float | None = None) -> tuple[Any, ...]:
+    """A comma-separated option's numbers, at least one, each converted (``int``, ``float``)
+    and, where given, within [low, high]. Raises click.BadParameter naming ``option``."""
+    try:
+        values = tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+    if not values:
+        raise click.BadParameter("give at least one value", param_hint=option)
+    if (low is not None and min(values) < low) or (high is not None and max(values) > high):
+        raise click.BadParameter(f"each from {low:g} to {high:g}", param_hint=option)
+    return values
 
 
 def free_port() -> int:

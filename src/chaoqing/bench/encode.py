@@ -247,16 +247,6 @@ def run_encode(images: Sequence[tuple[str, Any]], settings: Sequence[EncoderSett
     return rows
 
 
-def _parse_numbers(text: str, option: str, low: int, high: int) -> list[int]:
-    try:
-        numbers = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise click.BadParameter("a comma-separated list of whole numbers", param_hint=option) from None
-    if not numbers or any(not low <= number <= high for number in numbers):
-        raise click.BadParameter(f"each from {low} to {high}", param_hint=option)
-    return numbers
-
-
 @click.command("encode")
 @click.option("--photos", "photos_path", default=None, envvar=PHOTOS_VARIABLE, show_envvar=True,
               type=click.Path(exists=True, path_type=Path),
@@ -280,10 +270,10 @@ def encode(photos_path: Path | None, count: int, upscaler: str, scale: int, thre
     """Time and bytes of PNG levels, other PNG encoders, JPEG and WebP settings on ×4 upscales."""
     from PIL import features
 
-    from chaoqing.bench.common import Report, command_line, report
+    from chaoqing.bench.common import Report, command_line, number_list, report
 
-    png_levels = _parse_numbers(png_levels_text, "--png-levels", 0, 9)
-    webp_methods = _parse_numbers(webp_methods_text, "--webp-methods", 0, 6)
+    png_levels = list(number_list(png_levels_text, "--png-levels", int, 0, 9))
+    webp_methods = list(number_list(webp_methods_text, "--webp-methods", int, 0, 6))
 
     def progress(message: str) -> None:
         click.echo(f"… {message}", err=True)

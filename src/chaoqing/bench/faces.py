@@ -430,20 +430,6 @@ def run_faces(photos: Sequence[Path], config: Any, preset: str, face_models: Seq
     return rows
 
 
-def _numbers(text: str | None, option: str, kind: Callable[[str], Any], low: float, high: float) -> list[Any]:
-    """A comma-separated option's numbers, each within [low, high]; [] for none."""
-    if not text:
-        return []
-    try:
-        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise click.BadParameter(f"{text!r}: {error}", param_hint=option) from None
-    for value in values:
-        if not low <= value <= high:
-            raise click.BadParameter(f"{value:g} is not within [{low:g}, {high:g}]", param_hint=option)
-    return values
-
-
 def _targets(rows: Sequence[dict[str, Any]], face_models: Sequence[str]) -> list[Any]:
     from chaoqing.bench.common import Target
 
@@ -506,7 +492,7 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
           scale: float | None, threads: int, compare_matching: bool, identity_guard: bool, strengths: str | None,
           crop_sides: str | None, crops_dir: Path | None, as_json: bool) -> None:
     """Per face and face model: identity, consistency, colour shift and boundary texture."""
-    from chaoqing.bench.common import Report, command_line, report
+    from chaoqing.bench.common import Report, command_line, number_list, report
     from chaoqing.bench.models import _photos
     from chaoqing.config import load_config
 
@@ -521,8 +507,8 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
         models = [own] if own else []
     files = [file for path in photos for file in _photos(path)]
     output_scale = scale if scale is not None else config.scale
-    blends = _numbers(strengths, "--strengths", float, 0.0, 1.0)
-    sides = _numbers(crop_sides, "--crop-sides", int, 16, 1024)
+    blends = number_list(strengths, "--strengths", float, 0.0, 1.0) if strengths else ()
+    sides = number_list(crop_sides, "--crop-sides", int, 16, 1024) if crop_sides else ()
     rows = run_faces(files, config, preset_name, models, output_scale, threads,
                      lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching,
                      identity_guard, crops_dir, blends, sides)

@@ -495,16 +495,6 @@ def run_local(plan: LocalPlan, progress: Callable[[str], None]) -> tuple[list[di
     return rows, batching_rows, extra
 
 
-def _numbers(text: str, what: str, convert: Callable[[str], Any]) -> tuple[Any, ...]:
-    try:
-        values = tuple(convert(item.strip()) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=what) from None
-    if not values:
-        raise click.BadParameter("give at least one value", param_hint=what)
-    return values
-
-
 @click.command("local")
 @click.option("--photos", "photos_path", default=None, envvar="CHAOQING_BENCH_PHOTOS", show_envvar=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -531,7 +521,14 @@ def local(photos_path: Path | None, preset: str | None, scales_text: str, faces_
           photo_names: tuple[str, ...], rounds: int, threads: int, batching: bool, config_path: Path | None,
           as_json: bool) -> None:
     """The service against the same work in sequence, on this machine."""
-    from chaoqing.bench.common import Report, Target, command_line, markdown_table, report
+    from chaoqing.bench.common import (
+        Report,
+        Target,
+        command_line,
+        markdown_table,
+        number_list,
+        report,
+    )
     from chaoqing.config import load_config
     from chaoqing.errors import BenchError, ConfigError
 
@@ -541,12 +538,12 @@ def local(photos_path: Path | None, preset: str | None, scales_text: str, faces_
         config = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    slots = _numbers(slots_text, "--compute-slots", int) if slots_text else (config.model_server.compute_slots,)
+    slots = number_list(slots_text, "--compute-slots", int) if slots_text else (config.model_server.compute_slots,)
     if min(slots) < 0:
         raise click.BadParameter("compute slots are 0 (no budget) or more", param_hint="--compute-slots")
     plan = LocalPlan(
-        photos_path=photos_path, preset=preset or config.preset, scales=_numbers(scales_text, "--scales", float),
-        face_counts=_numbers(faces_text, "--faces", int), compute_slots=slots, rounds=rounds, threads=threads,
+        photos_path=photos_path, preset=preset or config.preset, scales=number_list(scales_text, "--scales", float),
+        face_counts=number_list(faces_text, "--faces", int), compute_slots=slots, rounds=rounds, threads=threads,
         config_path=config_path, batching=batching, photo_names=photo_names,
     )
 

@@ -205,8 +205,7 @@ def _names(text: str) -> tuple[str, ...]:
 def presets(photos_path: Path | None, presets_text: str | None, scale: float, faces_text: str,
             photo_names: tuple[str, ...], rounds: int, config_path: Path | None, as_json: bool) -> None:
     """Seconds per megapixel and per face of each preset, through the real service."""
-    from chaoqing.bench.common import Report, command_line, report
-    from chaoqing.bench.local import _numbers
+    from chaoqing.bench.common import Report, command_line, number_list, report
     from chaoqing.config import load_config
     from chaoqing.errors import BenchError, ConfigError
 
@@ -220,7 +219,7 @@ def presets(photos_path: Path | None, presets_text: str | None, scale: float, fa
     if not names:
         raise click.BadParameter("give at least one preset", param_hint="--presets")
     plan = PresetsPlan(photos_path=photos_path, preset_names=names, scale=scale,
-                       face_counts=_numbers(faces_text, "--faces", int), rounds=rounds, config_path=config_path,
+                       face_counts=number_list(faces_text, "--faces", int), rounds=rounds, config_path=config_path,
                        photo_names=photo_names)
 
     def progress(message: str) -> None:
