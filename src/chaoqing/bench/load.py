@@ -98,11 +98,28 @@ class _Server:
         self.child.stop()
 
 
-def _start_gunicorn(config_path: Path, workers: int) -> Any:
+def _start_on_port(name: str, command: list[str], port: int, environment: dict[str, str] | None = None) -> Any:
+    """``command``, which listens on ``port``, started and waited for until ``/readyz``
+    answers 200 (a ChildProcess); stopped if it never does. Raises BenchError."""
     from gevent import subprocess
 
-    from chaoqing.bench.common import ChildProcess, die_with_parent, free_port, wait_until_ready
+    from chaoqing.bench.common import ChildProcess, die_with_parent, wait_until_ready
     from chaoqing.errors import BenchError
+
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               env={**os.environ, **(environment or {})},
+                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    child = ChildProcess(name, process, f"http://127.0.0.1:{port}")
+    try:
+        wait_until_ready(child.url + "/readyz", process=process)
+    except BenchError:
+        child.stop()
+        raise
+    return child
+
+
+def _start_gunicorn(config_path: Path, workers: int) -> Any:
+    from chaoqing.bench.common import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--bind", f"127.0.0.1:{port}",
@@ -110,38 +127,18 @@ def _start_gunicorn(config_path: Path, workers: int) -> Any:
                # idle connections stay open as the gateway process's do (gunicorn's default is 2 s)
                "--keep-alive", str(int(REQUEST_TIMEOUT_S)), "--log-level", "warning", "--timeout", "120",
                "chaoqing.wsgi:app"]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               env={**os.environ, "CHAOQING_CONFIG": str(config_path)},
-                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
-    child = ChildProcess("gunicorn", process, f"http://127.0.0.1:{port}")
-    try:
-        wait_until_ready(child.url + "/readyz", process=process)
-    except BenchError:
-        child.stop()
-        raise
-    return child
+    return _start_on_port("gunicorn", command, port, {"CHAOQING_CONFIG": str(config_path)})
 
 
 def _start_workers(config_path: Path, workers: int) -> Any:
     """``chaoqing serve --workers N`` on a free port (the config names every model's endpoint,
     so it starts no model server), ready."""
-    from gevent import subprocess
-
-    from chaoqing.bench.common import ChildProcess, die_with_parent, free_port, wait_until_ready
-    from chaoqing.errors import BenchError
+    from chaoqing.bench.common import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "chaoqing", "serve", "--workers", str(workers), "--port", str(port),
                "--config", str(config_path), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
-    child = ChildProcess("serve --workers", process, f"http://127.0.0.1:{port}")
-    try:
-        wait_until_ready(child.url + "/readyz", process=process)
-    except BenchError:
-        child.stop()
-        raise
-    return child
+    return _start_on_port("serve --workers", command, port)
 
 
 def _metrics_value(text: str, name: str) -> float:
