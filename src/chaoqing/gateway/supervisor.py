@@ -66,6 +66,16 @@ LISTENING_PATTERN = re.compile(r"listening on (http://\S+)")
 START_TIMEOUT_S = 60.0
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_AFTER_S = 30.0  # a child that ran this long resets the back-off
+
+
+def restart_backoff(started_at: float, restarts: int) -> tuple[float, int]:
+    """For a process (a model server here, a gateway worker in :mod:`chaoqing.gateway.workers`)
+    that started at ``started_at`` (monotonic) and has been restarted ``restarts`` times in a
+    row: how long to wait before the next start, and the count after it. One that ran
+    :data:`STABLE_AFTER_S` counts from 0 again."""
+    if time.monotonic() - started_at > STABLE_AFTER_S:
+        restarts = 0
+    return RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)], restarts + 1
 PR_SET_PDEATHSIG = 1
 SIMULATOR_PREFIX = "sim-"  # how chaoqing.modelserver.runners names its simulators
 SLOT_FILE_PREFIX = "slot-"  # how chaoqing.modelserver.compute names its slot files
@@ -216,10 +226,7 @@ class ModelServerSupervisor:
             code = child.process.wait()
             if self._stopping:
                 return
-            if time.monotonic() - child.started_at > STABLE_AFTER_S:
-                child.restarts = 0
-            delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
-            child.restarts += 1
+            delay, child.restarts = restart_backoff(child.started_at, child.restarts)
             _log.error("model server %s exited with %s; restarting in %.1f s", child.model, code, delay)
             gevent.sleep(delay)
             try:

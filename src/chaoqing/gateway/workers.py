@@ -37,14 +37,12 @@ from gevent import subprocess
 from gevent.event import Event
 
 from chaoqing.errors import SupervisorError
-from chaoqing.gateway.supervisor import die_with_parent
+from chaoqing.gateway.supervisor import die_with_parent, restart_backoff
 
 __all__ = ["GatewayWorkers", "endpoint_environment", "worker_command"]
 
 _log = logging.getLogger("chaoqing.gateway.workers")
 
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-STABLE_AFTER_S = 30.0  # a worker that ran this long resets the back-off
 # after the drain a worker stops its job runner and closes its connections; then it is killed
 STOP_MARGIN_S = 10.0
 ENDPOINT_VARIABLE_PREFIX = "CHAOQING_ENDPOINTS__"  # chaoqing.config: a model's endpoints from the environment
@@ -110,10 +108,7 @@ class GatewayWorkers:
             code = worker.process.wait()
             if self._stopping:
                 return
-            if time.monotonic() - worker.started_at > STABLE_AFTER_S:
-                worker.restarts = 0
-            delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
-            worker.restarts += 1
+            delay, worker.restarts = restart_backoff(worker.started_at, worker.restarts)
             _log.error("gateway worker %d (pid %d) exited with %s; restarting in %.1f s",
                        worker.index, worker.process.pid, code, delay)
             gevent.sleep(delay)
