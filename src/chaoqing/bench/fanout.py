@@ -170,35 +170,32 @@ def run_fanout(face_counts: list[int], *, upscale_ms: float, detect_ms: float, f
         stack.callback(upscaler.stop)
         face_server = start_model_server(["sim-face"], sim_latency_ms=face_ms, max_batch_size=1)
         stack.callback(face_server.stop)
+
+        def through_a_gateway(faces: int, folder: Path, endpoints: dict[str, str]) -> dict[str, Any]:
+            """A gateway process on ``endpoints`` (its config in ``folder``), measured."""
+            with ExitStack() as per_gateway:
+                config_path = write_gateway_config(folder, endpoints, upscaler="sim-upscale-x4",
+                                                   face_model="sim-face", detector="sim-detector")
+                gateway = start_gateway(config_path)
+                per_gateway.callback(gateway.stop)
+                trial = _Trial(faces, photo, path, scale, gateway.url, config_path)
+                per_gateway.callback(trial.close)
+                return _measure(trial, requests, sequential_requests, upscale_ms, detect_ms, face_ms)
+
         for faces in face_counts:
             with ExitStack() as per_count:
                 detector = start_model_server(["sim-detector"], sim_latency_ms=detect_ms, sim_faces=faces,
                                               max_batch_size=1)
                 per_count.callback(detector.stop)
                 endpoints = {"sim-upscale-x4": upscaler.url, "sim-face": face_server.url, "sim-detector": detector.url}
-                config_path = write_gateway_config(Path(directory), endpoints, upscaler="sim-upscale-x4",
-                                                   face_model="sim-face", detector="sim-detector")
-                gateway = start_gateway(config_path)
-                per_count.callback(gateway.stop)
-                trial = _Trial(faces, photo, path, scale, gateway.url, config_path)
-                per_count.callback(trial.close)
-                rows.append({**_measure(trial, requests, sequential_requests, upscale_ms, detect_ms, face_ms),
-                             "server": BUILT_IN_SERVER})
+                rows.append({**through_a_gateway(faces, Path(directory), endpoints), "server": BUILT_IN_SERVER})
             for name, (url, published_faces) in others.items():
                 if published_faces != faces:
                     continue
-                with ExitStack() as per_server:
-                    models = ("sim-upscale-x4", "sim-face", "sim-detector")
-                    folder = Path(directory) / name
-                    folder.mkdir(exist_ok=True)
-                    config_path = write_gateway_config(folder, dict.fromkeys(models, url), upscaler="sim-upscale-x4",
-                                                       face_model="sim-face", detector="sim-detector")
-                    gateway = start_gateway(config_path)
-                    per_server.callback(gateway.stop)
-                    trial = _Trial(faces, photo, path, scale, gateway.url, config_path)
-                    per_server.callback(trial.close)
-                    rows.append({**_measure(trial, requests, sequential_requests, upscale_ms, detect_ms, face_ms),
-                                 "server": name, "url": url})
+                folder = Path(directory) / name
+                folder.mkdir(exist_ok=True)
+                models = ("sim-upscale-x4", "sim-face", "sim-detector")
+                rows.append({**through_a_gateway(faces, folder, dict.fromkeys(models, url)), "server": name, "url": url})
     return rows
 
 
