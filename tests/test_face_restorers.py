@@ -392,6 +392,17 @@ def expected_composite(detector_url: str, server_url: str, photo: np.ndarray, ba
     return canvas
 
 
+def _started_gateway(config: Config, restorers_url: str, simulators_url: str) -> GatewayServer:
+    """A gateway on ``config``: its user models served at ``restorers_url``, the simulated
+    detector and ×2 background at ``simulators_url``; started."""
+    config = config.replace(endpoints={**{name: (restorers_url,) for name in config.models},
+                                       **{name: (simulators_url,) for name in ("sim-detector", "sim-upscale-x2")}})
+    metrics = GatewayMetrics()
+    gateway = GatewayServer(config, RemoteModels.from_config(config, metrics), metrics=metrics, watch_hub=False)
+    gateway.start()
+    return gateway
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_onnx_restorers_paste_through_the_gateway_exactly_what_their_operation_predicts(
@@ -411,11 +422,7 @@ def test_onnx_restorers_paste_through_the_gateway_exactly_what_their_operation_p
                                             identity_guard=False)
     config = Config(port=0, detector="sim-detector", preset="gfpgan", models=models, presets=presets,
                     jobs=JobSettings(spool_dir=str(tmp_path / "spool")))
-    config = config.replace(endpoints={**{name: (server.url,) for name in models},
-                                       **{name: (simulators.url,) for name in ("sim-detector", "sim-upscale-x2")}})
-    metrics = GatewayMetrics()
-    gateway = GatewayServer(config, RemoteModels.from_config(config, metrics), metrics=metrics, watch_hub=False)
-    gateway.start()
+    gateway = _started_gateway(config, server.url, simulators.url)
     try:
         background = enhance(gateway.url, photo, "gfpgan", faces="false")
         answers = {
@@ -461,11 +468,7 @@ def test_a_spandrel_restorer_pastes_through_the_gateway_what_the_network_gives(
     server = start_model_server(list(models), user_models=models, ready_timeout_s=60)
     preset = Preset("restore", "sim-upscale-x2", "restoreformer", identity_guard=False)  # the network's own pixels
     config = Config(port=0, detector="sim-detector", preset="restore", models=models, presets={"restore": preset})
-    config = config.replace(endpoints={**{name: (server.url,) for name in models},
-                                       **{name: (simulators.url,) for name in ("sim-detector", "sim-upscale-x2")}})
-    metrics = GatewayMetrics()
-    gateway = GatewayServer(config, RemoteModels.from_config(config, metrics), metrics=metrics, watch_hub=False)
-    gateway.start()
+    gateway = _started_gateway(config, server.url, simulators.url)
     try:
         background = enhance(gateway.url, photo, "restore", faces="false")
         answer = enhance(gateway.url, photo, "restore")
