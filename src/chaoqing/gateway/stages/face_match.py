@@ -50,7 +50,6 @@ from chaoqing.gateway.stages.face_geometry import PasteBox
 
 __all__ = [
     "BAND_FRACTION",
-    "MAX_TEXTURE_GAIN",
     "MIN_TEXTURE_GAIN",
     "FaceMatchSettings",
     "TextureMeasure",
@@ -63,7 +62,6 @@ CHROMA_SIGMA_FRACTION = 1 / 96  # of the face's side: an iris is about 1/10 of i
 MIN_CHROMA_SIGMA_PX = 1.0
 BAND_FRACTION = 1 / 10  # of the face's side: the bands where noise is compared
 MIN_TEXTURE_GAIN = 0.5  # a busier face keeps at least this much of its own fine detail
-MAX_TEXTURE_GAIN = 1.0  # at most the background's whole residual: the levels then meet at most
 SUPPORT_THRESHOLD = 1e-3  # mask values above this are the face
 INSIDE_THRESHOLD = 0.999  # ... and above this, wholly the face
 DIRECT_BLUR_MAX_SIGMA = 3.0  # wider blurs run on a shrunk grid (a low-pass loses nothing there)
@@ -247,7 +245,8 @@ def match_paste_to_background(paste: FacePaste, background: npt.NDArray[Any], se
         if math.isfinite(target) and math.isfinite(inside) and target > 0:
             added, kept = 0.0, 1.0
             if inside < target:
-                added = min(MAX_TEXTURE_GAIN, math.sqrt(target**2 - inside**2) / target)
+                # under 1 by construction: at most the background's whole residual
+                added = math.sqrt(target**2 - inside**2) / target
                 face_ycc[..., 0] += np.float32(added) * region_residual
             elif inside > target:
                 kept = max(MIN_TEXTURE_GAIN, target / inside)
