@@ -494,7 +494,7 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
     """Per face and face model: identity, consistency, colour shift and boundary texture."""
     from chaoqing.bench.common import Report, command_line, number_list, report
     from chaoqing.bench.models import _photos
-    from chaoqing.config import load_config
+    from chaoqing.config import MAX_FACE_CROP_PX, MIN_FACE_CROP_PX, load_config
 
     config = load_config(config_path)
     preset_name = preset or config.preset
@@ -508,7 +508,7 @@ def faces(photos: tuple[Path, ...], config_path: Path | None, preset: str | None
     files = [file for path in photos for file in _photos(path)]
     output_scale = scale if scale is not None else config.scale
     blends = number_list(strengths, "--strengths", float, 0.0, 1.0) if strengths else ()
-    sides = number_list(crop_sides, "--crop-sides", int, 16, 1024) if crop_sides else ()
+    sides = number_list(crop_sides, "--crop-sides", int, MIN_FACE_CROP_PX, MAX_FACE_CROP_PX) if crop_sides else ()
     rows = run_faces(files, config, preset_name, models, output_scale, threads,
                      lambda text: None if as_json else click.echo(f"… {text}", err=True), compare_matching,
                      identity_guard, crops_dir, blends, sides)

@@ -122,9 +122,8 @@ def run_models(photos_path: Path, megapixels: float, presets: list[str], threads
     # every preset's models: the gateway is ready only with all
     needed = list(dict.fromkeys([*(name for models in PRESET_MODELS.values() for name in models if name), DETECTOR]))
     face_models = list(dict.fromkeys(face for preset in presets if (face := PRESET_MODELS[preset][1]) is not None))
-    direct_models = [COMPACT] if presets == ["fast"] else [COMPACT, DETECTOR, *face_models,
-                                                           *([PLUS] if "quality" in presets else [])]
-    direct_models = list(dict.fromkeys(direct_models))
+    direct_models = [COMPACT] if presets == ["fast"] else list(dict.fromkeys(
+        [COMPACT, DETECTOR, *face_models, *([PLUS] if "quality" in presets else [])]))
     runners = {name: create_runner(name, RunnerSettings(threads=threads)) for name in direct_models}
 
     def direct(name: str, rgb: Any) -> float:
